@@ -1,0 +1,162 @@
+"""What every experiment CLI shares: config names, validation, building a run, one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = "synthetic_fast"  # the embedded default
+
+
+class ConfigError(ValueError):
+    """A bad config value; reported as one line, never a traceback."""
+
+
+def config_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_") and p.stem != "synthetic_base")
+
+
+def resolve_config_argv(argv: list[str], default: str = DEFAULT_CONFIG) -> list[str]:
+    """Turn ``--config=NAME`` (or no --config) into the preset's file path for ml_collections."""
+    out, seen = [], False
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            seen = True
+            name = a.split("=", 1)[1]
+            if not name.endswith(".py"):
+                if name not in config_names():
+                    fail(f"unknown config {name!r}; available: {', '.join(config_names())}")
+                name = str(CONFIG_DIR / f"{name}.py")
+            elif not Path(name).is_file():
+                fail(f"config file {name} does not exist")
+            a = f"--config={name}"
+        elif a == "--config" and i + 1 < len(argv):
+            fail("write --config=NAME (with '=')")
+        out.append(a)
+    if not seen:
+        out.insert(1, f"--config={CONFIG_DIR / f'{default}.py'}")
+    return out
+
+
+def fail(msg: str, code: int = 2) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def run_app(main: Callable[[list[str]], Any], default: str = DEFAULT_CONFIG) -> None:
+    """absl ``app.run`` with short config names and one-line errors for bad values."""
+    from absl import app, logging
+
+    logging.set_verbosity(logging.WARNING)
+    sys.argv = resolve_config_argv(sys.argv, default)
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except ConfigError as e:
+            fail(str(e))
+
+    app.run(wrapped)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Reject bad values with a message that says what to change."""
+    from flowcache_jax.policies import POLICIES
+    from flowcache_jax.sampler import METRIC_DTYPES, REUSE_MODES
+
+    s, p = cfg.schedule, cfg.policy
+    if cfg.model != "synthetic":
+        raise ConfigError(f"model {cfg.model!r} is not available yet; use model=synthetic")
+    if p.name not in POLICIES:
+        raise ConfigError(f"unknown policy {p.name!r}; set --config.policy.name to one of {', '.join(POLICIES)}")
+    if p.threshold < 0:
+        raise ConfigError(f"policy.threshold must be >= 0, got {p.threshold}")
+    if not 0 <= p.warmup <= s.steps_per_chunk:
+        raise ConfigError(f"policy.warmup={p.warmup} must be in [0, schedule.steps_per_chunk={s.steps_per_chunk}]")
+    if p.reuse not in REUSE_MODES:
+        raise ConfigError(f"policy.reuse must be one of {REUSE_MODES}, got {p.reuse!r}")
+    if p.metric_dtype not in METRIC_DTYPES:
+        raise ConfigError(f"policy.metric_dtype must be one of {tuple(METRIC_DTYPES)}, got {p.metric_dtype!r}")
+    if s.kind not in ("magi", "df"):
+        raise ConfigError(f"schedule.kind must be 'magi' or 'df', got {s.kind!r}")
+    if s.n_chunks < 1 or s.window < 1 or s.steps_per_chunk < 1 or cfg.batch < 1:
+        raise ConfigError("schedule.n_chunks, schedule.window, schedule.steps_per_chunk and batch must be >= 1")
+    if s.kind == "magi" and s.steps_per_chunk % s.window:
+        raise ConfigError(f"schedule.steps_per_chunk={s.steps_per_chunk} must be a multiple of "
+                          f"schedule.window={s.window}")
+    if s.kind == "df" and s.ar_step < 0:
+        raise ConfigError(f"schedule.ar_step must be >= 0, got {s.ar_step}")
+    if s.power <= 0 or s.shift <= 0:
+        raise ConfigError(f"schedule.power and schedule.shift must be > 0, got {s.power}, {s.shift}")
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a CLI needs for one configured video."""
+
+    cfg: ml_collections.ConfigDict
+    denoiser: Any
+    params: Any
+    cond: Any
+    table: Any
+    sampler: Any
+
+    @property
+    def key(self):
+        import jax
+
+        return jax.random.PRNGKey(self.cfg.seed)
+
+
+def build(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
+    """Validate, then make the denoiser, params, schedule table and sampler of a config."""
+    from flowcache_jax.policies import make_policy
+    from flowcache_jax.sampler import Sampler
+    from flowcache_jax.schedules import df_schedule, flow_time_grid, magi_schedule
+    from flowcache_jax.synthetic import SyntheticFlow
+
+    validate(cfg)
+    s = cfg.schedule
+    n = s.n_chunks if n_chunks is None else n_chunks
+    try:
+        denoiser = SyntheticFlow(**cfg.synthetic.to_dict())
+        grid = flow_time_grid(s.steps_per_chunk, s.power, s.shift)
+        table = (magi_schedule(n, s.window, s.steps_per_chunk, grid) if s.kind == "magi"
+                 else df_schedule(n, s.steps_per_chunk, s.ar_step, grid))
+        policy = make_policy(cfg.policy)
+        sampler = Sampler(denoiser, policy, table.window, cfg.batch, cfg.policy.reuse, cfg.policy.metric_dtype)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    return Run(cfg=cfg, denoiser=denoiser, params=denoiser.init_params(), cond=None, table=table, sampler=sampler)
+
+
+def with_policy(cfg: ml_collections.ConfigDict, name: str, threshold: float | None = None
+                ) -> ml_collections.ConfigDict:
+    """A copy of ``cfg`` with another policy (e.g. the vanilla reference of a cached config)."""
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    c.policy.name = name
+    if threshold is not None:
+        c.policy.threshold = threshold
+    return c
+
+
+def format_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    """A plain fixed-width table."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join([line, sep, *body])

@@ -1,0 +1,1 @@
+"""flowcache-jax: chunkwise adaptive reuse and KV compression for autoregressive video diffusion."""

@@ -1,0 +1,50 @@
+"""The Denoiser protocol: what a model (or the synthetic flow) gives the sampler.
+
+The sampler never knows which model it drives; policies never see the model. A chunk forward may
+read and write the model's own KV structure (``kv``), which the sampler threads through the scan.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import jax
+
+PyTree = Any
+
+
+class SlotInfo(NamedTuple):
+    """What a chunk forward knows about its chunk at this step (traced scalars)."""
+
+    chunk: jax.Array  # int32 absolute chunk id
+    k: jax.Array  # int32 completed updates of this chunk
+    t: jax.Array  # float32 time, 0 = noise, 1 = clean
+    dt: jax.Array  # float32 Euler step of this update
+
+
+class ChunkOutput(NamedTuple):
+    velocity: jax.Array  # [B, *chunk_shape], d x / d t
+    residual: jax.Array  # what residual reuse caches (transformer-stack output minus its input)
+
+
+class Denoiser(Protocol):
+    """A model seen chunk by chunk. All methods are pure and traceable."""
+
+    chunk_shape: tuple[int, ...]  # per-sample latent shape of one chunk
+
+    def sample_noise(self, key: jax.Array, batch: int) -> jax.Array:
+        """Initial latent of one chunk, [batch, *chunk_shape], at t = 0."""
+
+    def init_kv(self, batch: int, window: int) -> PyTree:
+        """An empty fixed-shape KV structure for a run with this window."""
+
+    def metric_features(self, params: PyTree, x: jax.Array, t: jax.Array) -> jax.Array:
+        """The cheap input feature the policies compare between steps (MAGI: patch embedding)."""
+
+    def forward_chunk(self, params: PyTree, cond: PyTree, x: jax.Array, info: SlotInfo,
+                      kv: PyTree) -> tuple[ChunkOutput, PyTree]:
+        """One chunk attends to itself and the valid KV rows; writes its own K/V."""
+
+    def velocity_from_residual(self, params: PyTree, cond: PyTree, x: jax.Array, info: SlotInfo,
+                               residual: jax.Array) -> jax.Array:
+        """The cheap head applied to (current input embedding + cached residual)."""

@@ -1,0 +1,22 @@
+"""No reuse: every active chunk is computed at every step."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flowcache_jax.policies.base import Decision, StepInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class Vanilla:
+    name: str = "vanilla"
+
+    def init_global(self) -> Any:
+        return jnp.zeros((), jnp.float32)
+
+    def decide(self, acc: jax.Array, glob: Any, info: StepInfo) -> Decision:
+        return Decision(compute=info.active, acc=acc, glob=glob)

@@ -1,0 +1,204 @@
+"""The AR sampler: a Python loop over stages, one compiled function per run.
+
+``stage_fn(params, cond, state, tables[stage]) -> (state, per-step records)`` scans over the stage's
+steps; inside a step, the policy decides for all window positions at once (cheap arithmetic), then a
+``lax.scan`` over positions (oldest first) runs an *un-batched* ``lax.cond`` per chunk: the compute
+branch is one chunk forward, the reuse branch replays the cache. Nothing is vmapped around the cond,
+so a reused chunk really skips its forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from flowcache_jax.denoiser import Denoiser, SlotInfo
+from flowcache_jax.policies import Policy, StepInfo
+from flowcache_jax.schedules import ScheduleTable
+from flowcache_jax.solvers import euler_step
+from flowcache_jax.state import SamplerState, init_state
+
+REUSE_MODES = ("displacement", "residual")
+METRIC_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_STEP_KEYS = ("chunk", "k", "t", "dt", "active", "first", "last", "step_valid", "global_first", "global_last")
+
+
+@dataclasses.dataclass
+class RunResult:
+    video: np.ndarray  # [B, n_chunks, *chunk_shape], final latents
+    decisions: np.ndarray  # int8 [steps, W]: 1 computed, 0 reused, -1 empty (positions oldest first)
+    chunk: np.ndarray  # int32 [steps, W]: chunk id at each position, -1 empty
+    rel: np.ndarray  # float32 [steps, W]: raw rel-L1 of the metric features (nan if no previous)
+    update_l1: np.ndarray  # float32 [steps, W]: mean|x_new - x| / mean|x|, Theorem 1's L1_rel
+    computed: int  # chunk forwards run
+    chunk_forwards_vanilla: int
+    wall: dict[str, float]  # compile / denoise seconds
+    traces: int  # times the stage function was traced (compiled) by this sampler
+
+    @property
+    def computed_fraction(self) -> float:
+        return self.computed / max(self.chunk_forwards_vanilla, 1)
+
+
+def _take(a: jax.Array, i: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+
+
+def _put(a: jax.Array, i: jax.Array, v: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), i, 0)
+
+
+def _mean_abs(x: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.abs(x).reshape(x.shape[0], -1).astype(jnp.float32), axis=1)
+
+
+class Sampler:
+    """Binds a denoiser, a policy and a window; compiles the stage function once."""
+
+    def __init__(self, denoiser: Denoiser, policy: Policy, window: int, batch: int = 1,
+                 reuse: str = "displacement", metric_dtype: str = "float32"):
+        if reuse not in REUSE_MODES:
+            raise ValueError(f"reuse must be one of {REUSE_MODES}, got {reuse!r}")
+        if metric_dtype not in METRIC_DTYPES:
+            raise ValueError(f"metric_dtype must be one of {tuple(METRIC_DTYPES)}, got {metric_dtype!r}")
+        self.denoiser, self.policy, self.window, self.batch = denoiser, policy, window, batch
+        self.reuse, self.metric_dtype = reuse, METRIC_DTYPES[metric_dtype]
+        self.traces = 0
+        self._compiled = None
+
+    # ----- state -------------------------------------------------------------------------------
+    def init_state(self, params: Any, cond: Any, key: jax.Array) -> SamplerState:
+        d, b = self.denoiser, self.batch
+        latent = jax.ShapeDtypeStruct((b, *d.chunk_shape), jnp.float32)
+        t = jax.ShapeDtypeStruct((), jnp.float32)
+        feat = jax.eval_shape(d.metric_features, params, latent, t)
+        feat = jax.ShapeDtypeStruct(feat.shape, self.metric_dtype)
+        if self.reuse == "displacement":
+            cache = latent
+        else:
+            info = SlotInfo(*(jax.ShapeDtypeStruct((), dt) for dt in (jnp.int32, jnp.int32, jnp.float32, jnp.float32)))
+            out, _ = jax.eval_shape(d.forward_chunk, params, cond, latent, info, d.init_kv(b, self.window))
+            cache = out.residual
+        return init_state(latent, feat, cache, self.window, d.init_kv(b, self.window),
+                          self.policy.init_global(), key)
+
+    # ----- one step ----------------------------------------------------------------------------
+    def _step(self, params: Any, cond: Any, state: SamplerState, row: dict) -> tuple[SamplerState, dict]:
+        d, w = self.denoiser, self.window
+        active, chunk = row["active"], row["chunk"]
+        ring = jnp.where(active, chunk % w, 0)
+        ring_drop = jnp.where(active, chunk % w, w)  # out of range -> scatter dropped
+        x = state.latents[ring]
+        feats = jax.vmap(lambda xi, ti: d.metric_features(params, xi, ti))(x, row["t"]).astype(self.metric_dtype)
+        prev = state.prev_feat[ring]
+        present = active & state.prev_present[ring]
+        info = StepInfo(active=active, present=present, k=row["k"], diff_l1=_mean_abs(feats - prev),
+                        prev_l1=_mean_abs(prev), global_first=row["global_first"],
+                        global_last=row["global_last"], step=state.step)
+        dec = self.policy.decide(state.acc[ring], state.glob, info)
+        compute = dec.compute | (active & ~state.has_cache[ring])  # never reuse an empty cache
+
+        def position(carry, j):
+            def run(carry):
+                latents, cache, has_cache, kv, n = carry
+                r = ring[j]
+                xj, cj = _take(latents, r), _take(cache, r)
+                slot = SlotInfo(chunk=chunk[j], k=row["k"][j], t=row["t"][j], dt=row["dt"][j])
+
+                def forward(kv):
+                    out, kv = d.forward_chunk(params, cond, xj, slot, kv)
+                    x_new = euler_step(xj, out.velocity, slot.dt)
+                    c_new = x_new - xj if self.reuse == "displacement" else out.residual
+                    return x_new, c_new.astype(cj.dtype), kv, jnp.ones((), jnp.int32)
+
+                def replay(kv):
+                    if self.reuse == "displacement":
+                        x_new = xj + cj
+                    else:
+                        v = d.velocity_from_residual(params, cond, xj, slot, cj)
+                        x_new = euler_step(xj, v, slot.dt)
+                    return x_new, cj, kv, jnp.zeros((), jnp.int32)
+
+                x_new, c_new, kv, ran = jax.lax.cond(compute[j], forward, replay, kv)
+                upd = jnp.mean(jnp.abs(x_new - xj)) / jnp.maximum(jnp.mean(jnp.abs(xj)), 1e-30)
+                carry = (_put(latents, r, x_new), _put(cache, r, c_new),
+                         has_cache.at[r].set(has_cache[r] | (ran > 0)), kv, n + ran)
+                return carry, upd
+
+            return jax.lax.cond(active[j], run, lambda c: (c, jnp.float32(jnp.nan)), carry)
+
+        carry = (state.latents, state.cache, state.has_cache, state.kv, state.computed)
+        (latents, cache, has_cache, kv, computed), upd = jax.lax.scan(position, carry, jnp.arange(w))
+        state = state.replace(
+            latents=latents, cache=cache, has_cache=has_cache, kv=kv, computed=computed, glob=dec.glob,
+            acc=state.acc.at[ring_drop].set(dec.acc, mode="drop"),
+            prev_feat=state.prev_feat.at[ring_drop].set(feats, mode="drop"),
+            prev_present=jnp.zeros_like(state.prev_present).at[ring_drop].set(True, mode="drop"),
+            step=state.step + 1)
+        rel = jnp.where(present, info.diff_l1 / (info.prev_l1 + 1e-8), jnp.nan)
+        rec = {"decisions": jnp.where(active, compute.astype(jnp.int8), jnp.int8(-1)),
+               "chunk": jnp.where(active, chunk, -1), "rel": rel, "update_l1": upd}
+        return state, rec
+
+    def _stage(self, params: Any, cond: Any, state: SamplerState, tab: dict) -> tuple[SamplerState, dict]:
+        self.traces += 1  # Python side effect: runs once per trace, i.e. per compilation
+        d, w, b = self.denoiser, self.window, self.batch
+        enter = tab["enter"]
+        ent = enter >= 0
+        noise = jax.vmap(lambda c: d.sample_noise(jax.random.fold_in(state.rng, c), b))(jnp.maximum(enter, 0))
+        bcast = ent.reshape((w,) + (1,) * (state.latents.ndim - 1))
+        state = state.replace(
+            latents=jnp.where(bcast, noise.astype(state.latents.dtype), state.latents),
+            chunk=jnp.where(ent, enter, state.chunk), acc=jnp.where(ent, 0.0, state.acc),
+            has_cache=state.has_cache & ~ent, prev_present=state.prev_present & ~ent)
+
+        def step(state, row):
+            def skip(state):
+                return state, {"decisions": jnp.full((w,), -1, jnp.int8), "chunk": jnp.full((w,), -1, jnp.int32),
+                               "rel": jnp.full((w,), jnp.nan), "update_l1": jnp.full((w,), jnp.nan)}
+            return jax.lax.cond(row["step_valid"], lambda s: self._step(params, cond, s, row), skip, state)
+
+        rows = {k: tab[k] for k in _STEP_KEYS}
+        return jax.lax.scan(step, state, rows)
+
+    # ----- host loop ---------------------------------------------------------------------------
+    def compile(self, params: Any, cond: Any, state: SamplerState, table: ScheduleTable) -> float:
+        """AOT-compile the stage function once (shapes do not depend on the stage or video length)."""
+        if table.window != self.window:
+            raise ValueError(f"schedule window {table.window} != sampler window {self.window}")
+        if self._compiled is not None:
+            return 0.0
+        t0 = time.perf_counter()
+        self._compiled = jax.jit(self._stage).lower(params, cond, state, table.stage(0)).compile()
+        return time.perf_counter() - t0
+
+    def run(self, params: Any, cond: Any, table: ScheduleTable, key: jax.Array,
+            progress: bool = True) -> RunResult:
+        state = self.init_state(params, cond, key)
+        t_compile = self.compile(params, cond, state, table)
+        video = np.zeros((self.batch, table.n_chunks, *self.denoiser.chunk_shape), np.float32)
+        recs = []
+        t0 = time.perf_counter()
+        for s in tqdm(range(table.num_stages), desc=f"{self.policy.name} stages", disable=not progress,
+                      leave=False):
+            state, rec = self._compiled(params, cond, state, table.stage(s))
+            recs.append(rec)
+            fin = table.finish[s]
+            if (fin >= 0).any():
+                lat = np.asarray(state.latents)
+                for r in np.flatnonzero(fin >= 0):
+                    video[:, fin[r]] = lat[r]
+        computed = int(state.computed)
+        t_denoise = time.perf_counter() - t0
+        rec = {k: np.concatenate([np.asarray(r[k]) for r in recs])[table.step_valid.reshape(-1)]
+               for k in recs[0]}
+        return RunResult(video=video, decisions=rec["decisions"], chunk=rec["chunk"], rel=rec["rel"],
+                         update_l1=rec["update_l1"], computed=computed,
+                         chunk_forwards_vanilla=table.chunk_forwards,
+                         wall={"compile": t_compile, "denoise": t_denoise}, traces=self.traces)

@@ -1,0 +1,193 @@
+"""Static AR schedules, built on the host (numpy) before anything is traced.
+
+Time convention (the whole project): MAGI's. ``t`` in [0, 1], ``t = 0`` is pure noise and ``t = 1`` is
+clean data; a chunk that has completed ``k`` updates sits at ``grid[k]`` and an Euler step moves it by
+``dt = grid[k + 1] - grid[k] > 0``. Wan/SkyReels' ``sigma`` is ``1 - t``.
+
+Every schedule becomes one :class:`ScheduleTable`: per AR *stage*, per step inside the stage, per window
+*position* (0 = oldest chunk of the window) the chunk id, its time index, t, dt and flags. Chunk ``c``
+lives in ring slot ``c % window`` of the sampler state for its whole life, so the device-side state has a
+fixed size whatever the video length, and all stage-dependent information arrives as fixed-shape arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+def flow_time_grid(num_steps: int, power: float = 2.0, shift: float = 3.0) -> np.ndarray:
+    """``num_steps + 1`` times from 0 (noise) to 1 (clean): u = (k/N)^power, then the SD3/Wan shift.
+
+    With t = 1 - sigma, Wan's ``sigma' = s*sigma / (1 + (s-1)*sigma)`` and MAGI's
+    ``t' = u / (s - (s-1)*u)`` are the same map, so one ``shift`` serves both. MAGI-1: power 2, shift 3.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if power <= 0 or shift <= 0:
+        raise ValueError(f"power and shift must be > 0, got power={power}, shift={shift}")
+    u = (np.arange(num_steps + 1, dtype=np.float64) / num_steps) ** power
+    t = u / (shift - (shift - 1.0) * u)
+    return t.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleTable:
+    """Per-stage tables, axes [stage, step, position]; position 0 is the oldest chunk in the window."""
+
+    chunk: np.ndarray  # int32 [S, P, W]; -1 where the position is empty
+    k: np.ndarray  # int32 [S, P, W]; completed updates of the chunk before this step
+    t: np.ndarray  # float32 [S, P, W]
+    dt: np.ndarray  # float32 [S, P, W]
+    active: np.ndarray  # bool [S, P, W]; the chunk is updated at this step
+    first: np.ndarray  # bool [S, P, W]; the chunk's first update (it just entered)
+    last: np.ndarray  # bool [S, P, W]; the chunk's last update (it is clean after it)
+    step_valid: np.ndarray  # bool [S, P]; False for padding steps at the end
+    global_first: np.ndarray  # bool [S, P]; first step of the whole video
+    global_last: np.ndarray  # bool [S, P]; last step of the whole video
+    enter: np.ndarray  # int32 [S, W]; per ring slot, the chunk whose first update is in this stage, or -1
+    finish: np.ndarray  # int32 [S, W]; per ring slot, the chunk whose last update is in this stage, or -1
+    grid: np.ndarray  # float32 [N + 1]
+    n_chunks: int
+    steps_per_chunk: int
+
+    @property
+    def num_stages(self) -> int:
+        return self.chunk.shape[0]
+
+    @property
+    def steps_per_stage(self) -> int:
+        return self.chunk.shape[1]
+
+    @property
+    def window(self) -> int:
+        return self.chunk.shape[2]
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.step_valid.sum())
+
+    @property
+    def chunk_forwards(self) -> int:
+        """Chunk updates of the uncached run (the ideal-speedup denominator)."""
+        return int(self.active.sum())
+
+    def stage(self, s: int) -> dict[str, np.ndarray]:
+        """The arrays one jitted stage call receives (fixed shapes for every stage)."""
+        names = ("chunk", "k", "t", "dt", "active", "first", "last", "step_valid", "global_first",
+                 "global_last", "enter", "finish")
+        return {n: getattr(self, n)[s] for n in names}
+
+
+def _table_from_updates(starts: np.ndarray, steps_per_chunk: int, total_steps: int, stage_len: int,
+                        window: int, grid: np.ndarray) -> ScheduleTable:
+    """Chunk c is updated at global steps starts[c] + i, i = 0..N-1, with time index i."""
+    n_chunks = len(starts)
+    n_stages = math.ceil(total_steps / stage_len)
+    shape = (n_stages, stage_len, window)
+    chunk = np.full(shape, -1, np.int32)
+    k = np.zeros(shape, np.int32)
+    count = np.zeros((n_stages, stage_len), np.int32)
+    for c, s0 in enumerate(starts):
+        for i in range(steps_per_chunk):
+            g = s0 + i
+            st, p = divmod(g, stage_len)
+            j = count[st, p]
+            if j >= window:
+                raise ValueError(f"more than window={window} chunks active at step {g}")
+            chunk[st, p, j], k[st, p, j] = c, i
+            count[st, p] += 1
+    active = chunk >= 0
+    # Positions must be oldest-first: ascending chunk id among the active ones.
+    order = np.argsort(np.where(active, chunk, np.iinfo(np.int32).max), axis=-1, kind="stable")
+    chunk = np.take_along_axis(chunk, order, -1)
+    k = np.take_along_axis(k, order, -1)
+    active = chunk >= 0
+    k = np.where(active, k, 0)
+    t = np.where(active, grid[k], 0.0).astype(np.float32)
+    dt = np.where(active, grid[np.minimum(k + 1, steps_per_chunk)] - grid[k], 0.0).astype(np.float32)
+    flat = np.arange(n_stages * stage_len).reshape(n_stages, stage_len)
+    enter = np.full((n_stages, window), -1, np.int32)
+    finish = np.full((n_stages, window), -1, np.int32)
+    for c, s0 in enumerate(starts):
+        for arr, g in ((enter, s0), (finish, s0 + steps_per_chunk - 1)):
+            st = g // stage_len
+            if arr[st, c % window] != -1:
+                raise ValueError(f"ring slot {c % window} holds two chunks in stage {st}")
+            arr[st, c % window] = c
+    return ScheduleTable(
+        chunk=chunk, k=k, t=t, dt=dt, active=active,
+        first=active & (k == 0), last=active & (k == steps_per_chunk - 1),
+        step_valid=flat < total_steps, global_first=flat == 0, global_last=flat == total_steps - 1,
+        enter=enter, finish=finish, grid=grid.astype(np.float32), n_chunks=n_chunks,
+        steps_per_chunk=steps_per_chunk)
+
+
+def magi_schedule(n_chunks: int, window: int, steps_per_chunk: int,
+                  grid: np.ndarray | None = None) -> ScheduleTable:
+    """MAGI-1's staggered window: chunk c enters at stage c and is at index P*j + d in its j-th stage."""
+    if n_chunks < 1 or window < 1:
+        raise ValueError(f"n_chunks and window must be >= 1, got {n_chunks}, {window}")
+    if steps_per_chunk % window:
+        raise ValueError(f"steps_per_chunk={steps_per_chunk} must be a multiple of window={window}")
+    grid = flow_time_grid(steps_per_chunk) if grid is None else np.asarray(grid, np.float32)
+    if len(grid) != steps_per_chunk + 1:
+        raise ValueError(f"time grid has {len(grid)} points, need steps_per_chunk + 1 = {steps_per_chunk + 1}")
+    p = steps_per_chunk // window
+    starts = np.arange(n_chunks) * p
+    w = min(window, n_chunks)
+    return _table_from_updates(starts, steps_per_chunk, (n_chunks + window - 1) * p, p, w, grid)
+
+
+def df_step_matrix(n_blocks: int, steps: int, ar_step: int, prefix_blocks: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """SkyReels' diffusion-forcing recursion at block level: (index rows [R, nb], update masks [R, nb]).
+
+    Index 0 = not started, N + 1 = done. Rows after the start row, until every block is >= N.
+    """
+    if ar_step < 0 or steps < 1 or not 0 <= prefix_blocks < n_blocks:
+        raise ValueError(f"invalid DF schedule: n_blocks={n_blocks}, steps={steps}, ar_step={ar_step}, "
+                         f"prefix_blocks={prefix_blocks}")
+    n = steps
+    prev = np.zeros(n_blocks, np.int64)
+    prev[:prefix_blocks] = n + 1
+    rows, masks = [], []
+    while not (prev >= n).all():
+        cur = np.empty_like(prev)
+        for b in range(n_blocks):
+            if b == 0 or prev[b - 1] >= n:
+                cur[b] = prev[b] + 1
+            else:
+                cur[b] = cur[b - 1] - ar_step
+        cur = np.clip(cur, 0, n + 1)
+        rows.append(cur)
+        masks.append((cur != prev) & (cur != n + 1))
+        prev = cur
+    return np.stack(rows).astype(np.int32), np.stack(masks)
+
+
+def df_frame_masks(n_frames: int, causal_block_size: int, steps: int, ar_step: int,
+                   prefix_frames: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame index rows and update masks (each block's value repeated over its frames)."""
+    if n_frames % causal_block_size or prefix_frames % causal_block_size:
+        raise ValueError(f"n_frames={n_frames} and prefix_frames={prefix_frames} must be multiples of "
+                         f"causal_block_size={causal_block_size}")
+    idx, upd = df_step_matrix(n_frames // causal_block_size, steps, ar_step,
+                              prefix_frames // causal_block_size)
+    return np.repeat(idx, causal_block_size, 1), np.repeat(upd, causal_block_size, 1)
+
+
+def df_schedule(n_blocks: int, steps: int, ar_step: int, grid: np.ndarray | None = None) -> ScheduleTable:
+    """Diffusion forcing (SkyReels-V2) as a table: stage = ``ar_step`` iterations (all steps if 0)."""
+    grid = flow_time_grid(steps, power=1.0, shift=8.0) if grid is None else np.asarray(grid, np.float32)
+    if len(grid) != steps + 1:
+        raise ValueError(f"time grid has {len(grid)} points, need steps + 1 = {steps + 1}")
+    idx, upd = df_step_matrix(n_blocks, steps, ar_step)
+    starts = np.array([int(np.argmax(upd[:, b])) for b in range(n_blocks)])
+    for b in range(n_blocks):  # the recursion must give each block N consecutive updates 1..N
+        assert upd[:, b].sum() == steps and (idx[starts[b]:starts[b] + steps, b] == np.arange(1, steps + 1)).all()
+    window = n_blocks if ar_step == 0 else min(n_blocks, math.ceil(steps / ar_step))
+    stage_len = steps if ar_step == 0 else ar_step
+    return _table_from_updates(starts, steps, len(idx), stage_len, window, grid)
