@@ -50,7 +50,6 @@ def preview_png(video, path) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    import numpy as np
 
     from flowcache_jax import flops, io, metrics
 

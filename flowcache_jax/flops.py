@@ -9,7 +9,11 @@ import jax
 
 
 def compiled_flops(fn: Callable, *args: Any) -> float:
-    """FLOPs XLA reports for ``jit(fn)(*args)`` after compilation (0 if the backend reports none)."""
+    """FLOPs XLA reports for ``jit(fn)(*args)`` after compilation (0 if the backend reports none).
+
+    XLA counts the body of a while loop (``lax.scan``/``fori_loop``) once, whatever its trip count, so
+    a model whose layers are scanned must be counted per layer and multiplied.
+    """
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else {}

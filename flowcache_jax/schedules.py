@@ -90,6 +90,8 @@ def _table_from_updates(starts: np.ndarray, steps_per_chunk: int, total_steps: i
     chunk = np.full(shape, -1, np.int32)
     k = np.zeros(shape, np.int32)
     count = np.zeros((n_stages, stage_len), np.int32)
+    if any(s0 % stage_len for s0 in starts):
+        raise ValueError(f"chunks must enter at stage starts (stage length {stage_len}), got starts {list(starts)}")
     for c, s0 in enumerate(starts):
         for i in range(steps_per_chunk):
             g = s0 + i
@@ -137,8 +139,8 @@ def magi_schedule(n_chunks: int, window: int, steps_per_chunk: int,
         raise ValueError(f"time grid has {len(grid)} points, need steps_per_chunk + 1 = {steps_per_chunk + 1}")
     p = steps_per_chunk // window
     starts = np.arange(n_chunks) * p
-    w = min(window, n_chunks)
-    return _table_from_updates(starts, steps_per_chunk, (n_chunks + window - 1) * p, p, w, grid)
+    # The window keeps its size for short videos too (empty positions), so shapes never depend on length.
+    return _table_from_updates(starts, steps_per_chunk, (n_chunks + window - 1) * p, p, window, grid)
 
 
 def df_step_matrix(n_blocks: int, steps: int, ar_step: int, prefix_blocks: int = 0
@@ -180,7 +182,11 @@ def df_frame_masks(n_frames: int, causal_block_size: int, steps: int, ar_step: i
 
 
 def df_schedule(n_blocks: int, steps: int, ar_step: int, grid: np.ndarray | None = None) -> ScheduleTable:
-    """Diffusion forcing (SkyReels-V2) as a table: stage = ``ar_step`` iterations (all steps if 0)."""
+    """Diffusion forcing (SkyReels-V2) as a table; a stage is the offset between block starts.
+
+    The recursion starts a block right after its predecessor finishes when ``ar_step > steps``, so the
+    offset is ``min(ar_step, steps)``; with ``ar_step = 0`` all blocks run together in one stage.
+    """
     grid = flow_time_grid(steps, power=1.0, shift=8.0) if grid is None else np.asarray(grid, np.float32)
     if len(grid) != steps + 1:
         raise ValueError(f"time grid has {len(grid)} points, need steps + 1 = {steps + 1}")
@@ -188,6 +194,7 @@ def df_schedule(n_blocks: int, steps: int, ar_step: int, grid: np.ndarray | None
     starts = np.array([int(np.argmax(upd[:, b])) for b in range(n_blocks)])
     for b in range(n_blocks):  # the recursion must give each block N consecutive updates 1..N
         assert upd[:, b].sum() == steps and (idx[starts[b]:starts[b] + steps, b] == np.arange(1, steps + 1)).all()
-    window = n_blocks if ar_step == 0 else min(n_blocks, math.ceil(steps / ar_step))
-    stage_len = steps if ar_step == 0 else ar_step
+    offset = min(ar_step, steps)
+    window = n_blocks if offset == 0 else math.ceil(steps / offset)
+    stage_len = steps if offset == 0 else offset
     return _table_from_updates(starts, steps, len(idx), stage_len, window, grid)

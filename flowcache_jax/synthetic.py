@@ -127,7 +127,8 @@ class SyntheticFlow:
         if not self.work:
             return x
         h = x @ params["proj"]
-        h, _ = jax.lax.scan(lambda h, q: ((h @ q) @ q.T, None), h, params["mix"])
+        for q in params["mix"]:  # unrolled: XLA's cost analysis counts a loop body only once
+            h = (h @ q) @ q.T
         return h @ params["proj"].T
 
     def forward_chunk(self, params: dict, cond: Any, x: jax.Array, info: SlotInfo,

@@ -1,0 +1,87 @@
+r"""Side-by-side speed of a cached config against its uncached twin, in one process.
+
+  python experiments/benchmark.py --config=synthetic_fast [--repeats=5] --output_dir=D
+
+Both samplers are compiled first; then runs alternate (vanilla, cached, vanilla, ...) and the median
+denoise times give ``speedup_wall``; ``speedup_ideal`` is vanilla / computed chunk forwards. It also
+counts compilations per run at two video lengths (they must be equal: shapes never depend on length).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments import common  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Preset name (e.g. synthetic_fast) or .py file.")
+_OUT = flags.DEFINE_string("output_dir", None, "Output folder (default outputs/benchmark_<config name>).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per method (median reported).")
+
+
+def compiles_at_lengths(cfg, lengths: list[int]) -> dict:
+    """Compilations of the stage function per run, fresh sampler per length, and one sampler for all."""
+    per_run = []
+    for n in lengths:
+        run = common.build(cfg, n_chunks=n)
+        run.sampler.run(run.params, run.cond, run.table, run.key, progress=False)
+        per_run.append(run.sampler.traces)
+    shared = common.build(cfg, n_chunks=lengths[0])
+    for n in lengths:
+        table = common.build(cfg, n_chunks=n).table
+        shared.sampler.run(shared.params, shared.cond, table, shared.key, progress=False)
+    return {"num_chunks": lengths, "per_run": per_run, "one_sampler_all_lengths": shared.sampler.traces}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from tqdm.auto import tqdm
+
+    from flowcache_jax import flops, io, metrics
+
+    cfg = _CONFIG.value
+    if _REPEATS.value < 1:
+        raise common.ConfigError(f"--repeats must be >= 1, got {_REPEATS.value}")
+    out = Path(_OUT.value or f"outputs/benchmark_{cfg.name}")
+    runs = {"vanilla": common.build(common.with_policy(cfg, "vanilla")), cfg.name: common.build(cfg)}
+    times = {k: [] for k in runs}
+    results = {}
+    for name, r in runs.items():  # warm: compile + one untimed run
+        results[name] = r.sampler.run(r.params, r.cond, r.table, r.key, progress=False)
+    for _ in tqdm(range(_REPEATS.value), desc="benchmark repeats"):
+        for name, r in runs.items():
+            res = r.sampler.run(r.params, r.cond, r.table, r.key, progress=False)
+            times[name].append(res.wall["denoise"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    van, cac = results["vanilla"], results[cfg.name]
+    r = runs[cfg.name]
+    per_fwd = flops.chunk_forward_flops(r.denoiser, r.params, r.cond, cfg.batch, r.table.window)
+    n = cfg.schedule.n_chunks
+    report = {
+        "config_name": cfg.name, "policy": cfg.policy.name, "num_chunks": n, "repeats": _REPEATS.value,
+        "denoise_s_median": med, "denoise_s_all": times,
+        "speedup_wall": med["vanilla"] / med[cfg.name],
+        "speedup_ideal": van.computed / max(cac.computed, 1),
+        "chunk_forwards": {"vanilla": van.computed, cfg.name: cac.computed},
+        "flops": flops.flops_report(per_fwd, cac.computed, van.computed),
+        "psnr_vs_vanilla": metrics.psnr(cac.video, van.video), "ssim_vs_vanilla": metrics.ssim(cac.video, van.video),
+        "compiles": compiles_at_lengths(cfg, [n, 2 * n]),
+    }
+    report["wall_over_ideal"] = report["speedup_wall"] / report["speedup_ideal"]
+    io.write_json(out / "benchmark.json", report)
+    row = {k: report[k] for k in ("config_name", "speedup_ideal", "speedup_wall", "wall_over_ideal",
+                                    "psnr_vs_vanilla")}
+    row["vanilla_s"], row["cached_s"] = med["vanilla"], med[cfg.name]
+    row["compiles"] = "/".join(map(str, report["compiles"]["per_run"]))
+    print(common.format_table([row], list(row)))
+    print(f"wrote {out / 'benchmark.json'}")
+
+
+if __name__ == "__main__":
+    common.run_app(main)
