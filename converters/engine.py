@@ -1,0 +1,81 @@
+"""Apply a declarative key map to a checkpoint, validating both ways with one error listing every problem."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from converters.safetensors_io import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Upstream key (``{i}`` = layer index) -> destination path(s) in the parameter tree, via a transform."""
+
+    src: str
+    dst: tuple[str, ...]
+    transform: str = "copy"
+    per_layer: bool = False
+
+
+Transform = Callable[[np.ndarray, Any], tuple[np.ndarray, ...]]
+
+
+def _set(tree: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split("/")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def _get(tree: Mapping, path: str) -> Any:
+    for p in path.split("/"):
+        tree = tree[p]
+    return tree
+
+
+def convert(reader: Any, rules: tuple[Rule, ...], transforms: Mapping[str, Transform], cfg: Any,
+            expected: Mapping, num_layers: int, dtype: np.dtype | None = None) -> dict:
+    """Build the nested parameter dict; ``expected`` holds the target shapes (per-layer ones lead with L)."""
+    problems: list[str] = []
+    out: dict = {}
+    used: set[str] = set()
+    available = set(reader.keys())
+    for rule in rules:
+        layers = range(num_layers) if rule.per_layer else [None]
+        pieces: list[list[np.ndarray]] = [[] for _ in rule.dst]
+        for i in layers:
+            key = rule.src.format(i=i)
+            if key not in available:
+                problems.append(f"missing key {key}")
+                continue
+            used.add(key)
+            arr = np.asarray(reader[key])
+            if arr.dtype.kind not in "fV" and str(arr.dtype) != "bfloat16":
+                problems.append(f"{key}: dtype {arr.dtype} is not a float type")
+                continue
+            try:
+                results = transforms[rule.transform](arr, cfg)
+            except (ValueError, IndexError) as e:
+                problems.append(f"{key}: shape {arr.shape} does not fit ({e})")
+                continue
+            for j, r in enumerate(results):
+                pieces[j].append(r)
+        if any(len(p) != len(layers) for p in pieces):
+            continue
+        for path, p in zip(rule.dst, pieces, strict=True):
+            value = np.stack(p) if rule.per_layer else p[0]
+            want = tuple(_get(expected, path))
+            if value.shape != want:
+                problems.append(f"{rule.src}: converted shape {value.shape} != expected {want} at {path}")
+                continue
+            _set(out, path, value.astype(dtype) if dtype is not None else value)
+    extra = sorted(available - used)
+    problems += [f"unexpected key {k}" for k in extra[:20]] + ([f"... and {len(extra) - 20} more unexpected keys"]
+                                                              if len(extra) > 20 else [])
+    if problems:
+        raise CheckpointError(f"{len(problems)} problem(s) converting the checkpoint:\n  " + "\n  ".join(problems))
+    return out

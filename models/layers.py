@@ -1,0 +1,102 @@
+"""Shared building blocks (pure functions over arrays): norms, sinusoids, RoPE, masked attention.
+
+Attention always spans a static key array with per-query key ranges, so the caller never slices keys to
+data-dependent lengths. Long key arrays are processed in tiles with an online softmax, so the score
+matrix [heads, S, Lk] is never materialised at full size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, one_plus: bool = False) -> jax.Array:
+    """LayerNorm over the last axis in float32 (biased variance); ``one_plus`` uses (1 + scale) as MAGI's 1p norms."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    g = scale.astype(jnp.float32)
+    g = 1.0 + g if one_plus else g
+    return (y * g + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def dense(x: jax.Array, p: dict, dtype=None) -> jax.Array:
+    """x @ kernel (+ bias); PyTorch Linear weights are stored transposed as ``kernel`` [in, out]."""
+    dtype = dtype or x.dtype
+    y = jnp.matmul(x.astype(dtype), p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(dtype)
+
+
+def sinusoid_freqs(half: int, max_period: float = 10000.0) -> np.ndarray:
+    """exp(-ln(max_period) * i / half) in float32, correctly rounded from float64."""
+    return np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32)
+
+
+def timestep_sinusoid(t: jax.Array, freqs: jax.Array, scale: float = 1000.0) -> jax.Array:
+    """[cos(a), sin(a)] with a = (t * freqs) * scale in float32, in that order (the reference's rounding)."""
+    a = (t.astype(jnp.float32)[..., None] * freqs) * jnp.float32(scale)
+    return jnp.concatenate([jnp.cos(a), jnp.sin(a)], -1)
+
+
+def rotate_half(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """GPT-NeoX rotary on the first 2·n dims of the last axis (n = sin.shape[-1]); the rest passes through."""
+    n = sin.shape[-1]
+    a, b, rest = x[..., :n], x[..., n:2 * n], x[..., 2 * n:]
+    xf = [v.astype(jnp.float32) for v in (a, b)]
+    out = jnp.concatenate([xf[0] * cos - xf[1] * sin, xf[1] * cos + xf[0] * sin], -1).astype(x.dtype)
+    return jnp.concatenate([out, rest], -1)
+
+
+def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """q [S, G, r, d], k [L, G, d] -> [G, r, S, L] in float32."""
+    return jnp.einsum("sgrd,lgd->grsl", q, k, preferred_element_type=jnp.float32)
+
+
+def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi: jax.Array,
+                    key_tile: int = 4096) -> jax.Array:
+    """Softmax attention where query i sees keys j with lo[i] <= j < hi[i]; GQA by consecutive head groups.
+
+    q [S, Hq, d], k/v [L, G, d], lo/hi [S] int32. Returns [S, Hq, d] in q's dtype. Every query must have at
+    least one key. Keys are processed in tiles of ``key_tile`` with an online softmax.
+    """
+    s, hq, d = q.shape
+    length, g, _ = k.shape
+    qg = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype).reshape(s, g, hq // g, d)
+
+    def tile(carry, start):
+        m, l_sum, acc = carry
+        kt = jax.lax.dynamic_slice_in_dim(k, start, key_tile)
+        vt = jax.lax.dynamic_slice_in_dim(v, start, key_tile)
+        j = start + jnp.arange(key_tile)
+        ok = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])  # [S, T]
+        sc = jnp.where(ok, _scores(qg, kt), -jnp.inf)
+        m_new = jnp.maximum(m, sc.max(-1))
+        safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(sc - safe[..., None])
+        corr = jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf))
+        l_sum = l_sum * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum("grsl,lgd->grsd", p.astype(v.dtype), vt,
+                                                 preferred_element_type=jnp.float32)
+        return (m_new, l_sum, acc), None
+
+    if length <= key_tile:  # one tile: plain masked softmax
+        j = jnp.arange(length)
+        ok = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])
+        p = jax.nn.softmax(jnp.where(ok, _scores(qg, k), -jnp.inf), axis=-1)
+        out = jnp.einsum("grsl,lgd->grsd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    else:
+        pad = (-length) % key_tile
+        k = jnp.pad(k, ((0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, pad), (0, 0), (0, 0)))
+        shape = (g, hq // g, s)
+        init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (d,)))
+        (m, l_sum, acc), _ = jax.lax.scan(tile, init, jnp.arange(0, length + pad, key_tile))
+        out = acc / l_sum[..., None]
+    return out.transpose(2, 0, 1, 3).reshape(s, hq, d).astype(q.dtype)

@@ -1,0 +1,299 @@
+"""MAGI-1 DiT (videodit_ardf) in JAX, with a Flax NNX module around pure functions.
+
+One *call* denoises R chunks of a latent slab at once, each chunk with its own time, caption and key
+range (spec/magi1.md §3). Self-attention keys are [cached rows of earlier chunks ; this call's rows];
+``kv_range`` gives each chunk its half-open key range in that index space. Parameters are a nested dict
+(``init_params`` shows the layout; ``converters/keymaps/magi1.py`` fills it from upstream checkpoints),
+with every per-layer leaf stacked on a leading layer axis so the layers run under one ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.layers import dense, layer_norm, range_attention, rotate_half, sinusoid_freqs, timestep_sinusoid
+
+# The released 4.5B-distill model_config (example/4.5B/4.5B_distill_config.json), spec §1.1.
+MAGI1_4P5B_DISTILL = dict(
+    model_name="videodit_ardf", num_layers=34, hidden_size=3072, ffn_hidden_size=12288, num_attention_heads=24,
+    num_query_groups=8, kv_channels=128, layernorm_epsilon=1e-6, apply_layernorm_1p=True, x_rescale_factor=1,
+    half_channel_vae=False, params_dtype="torch.bfloat16", patch_size=2, t_patch_size=1, in_channels=16,
+    out_channels=16, cond_hidden_ratio=0.25, caption_channels=4096, caption_max_length=800,
+    xattn_cond_hidden_ratio=1.0, cond_gating_ratio=1.0, gated_linear_unit=False)
+
+_PROJ_BLOCKS = 8  # upstream linear_proj input is permuted "(n hn hd) -> (hn n hd)" with hn = 8 hard-coded
+
+
+@dataclasses.dataclass(frozen=True)
+class Magi1Config:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    layernorm_epsilon: float = 1e-6
+    apply_layernorm_1p: bool = True
+    x_rescale_factor: float = 1.0
+    patch_size: int = 2
+    t_patch_size: int = 1
+    in_channels: int = 16
+    out_channels: int = 16
+    cond_hidden_ratio: float = 0.25
+    caption_channels: int = 4096
+    caption_max_length: int = 800
+    xattn_cond_hidden_ratio: float = 1.0
+    cond_gating_ratio: float = 1.0
+    dtype: str = "float32"  # activations: float32 (fixtures) or bfloat16 (released weights)
+
+    @classmethod
+    def from_upstream(cls, model_config: dict, dtype: str | None = None) -> Magi1Config:
+        """Build from an upstream ``model_config`` dict (a fixture's config.json or the released one)."""
+        if model_config.get("gated_linear_unit"):
+            raise ValueError("gated_linear_unit=true (the 24B SwiGLU model) is not supported; use the 4.5B config")
+        if model_config.get("half_channel_vae"):
+            raise ValueError("half_channel_vae=true (24B) is not supported")
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
+        missing = sorted(n for n in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                     "num_query_groups", "kv_channels") if n not in model_config)
+        if missing:
+            raise ValueError(f"model_config lacks {', '.join(missing)}")
+        kw = {k: v for k, v in model_config.items() if k in names}
+        if dtype is None:
+            dtype = "bfloat16" if "bfloat16" in str(model_config.get("params_dtype", "")) else "float32"
+        return cls(**kw, dtype=dtype)
+
+    @property
+    def cond_dim(self) -> int:
+        return int(self.hidden_size * self.cond_hidden_ratio)
+
+    @property
+    def n_bands(self) -> int:
+        return self.kv_channels // 8
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.t_patch_size * self.patch_size**2
+
+    @property
+    def jdtype(self):
+        return jnp.dtype(self.dtype)
+
+
+# ----- parameters ------------------------------------------------------------------------------------
+def param_shapes(cfg: Magi1Config) -> dict:
+    """The parameter layout: nested dict of shapes; ``layers`` leaves have a leading [num_layers] axis."""
+    d, f, dc, hd = cfg.hidden_size, cfg.ffn_hidden_size, cfg.cond_dim, cfg.kv_channels
+    q, kv, cc = cfg.num_attention_heads * hd, cfg.num_query_groups * hd, cfg.caption_channels
+    dx = int(d * cfg.xattn_cond_hidden_ratio)
+    norm = lambda n: {"scale": (n,), "bias": (n,)}
+    lin = lambda i, o, b=False: {"kernel": (i, o), **({"bias": (o,)} if b else {})}
+    layer = {
+        "gate": lin(dc, int(2 * d * cfg.cond_gating_ratio), True), "pre_norm": norm(d),
+        "q": lin(d, q), "k": lin(d, kv), "v": lin(d, kv), "qx": lin(d, q), "kx": lin(dx, kv), "vx": lin(dx, kv),
+        "q_norm": norm(hd), "k_norm": norm(hd), "qx_norm": norm(hd), "kx_norm": norm(hd),
+        "proj": lin(2 * q, d), "attn_post_norm": norm(d), "mlp_norm": norm(d), "fc1": lin(d, f), "fc2": lin(f, d),
+        "mlp_post_norm": norm(d),
+    }
+    layers = jax.tree.map(lambda s: (cfg.num_layers, *s), layer, is_leaf=lambda x: isinstance(x, tuple))
+    return {
+        "x_embed": lin(cfg.patch_dim, d),
+        "t_embed": {"fc1": lin(256, dc, True), "fc2": lin(dc, dc, True)},
+        "y_embed": {"xattn": lin(cc, dx, True), "adaln": lin(cc, dc, True),
+                    "null_caption": (cfg.caption_max_length, cc)},
+        "rope_bands": (cfg.n_bands,),
+        "t_freqs": (128,),
+        "layers": layers,
+        "final_norm": norm(d),
+        "final": lin(d, cfg.t_patch_size * cfg.patch_size**2 * cfg.out_channels),
+    }
+
+
+def init_params(cfg: Magi1Config, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Random parameters of the right layout (tests, abstract shapes, training from scratch)."""
+    shapes = param_shapes(cfg)
+    leaves, tree = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    out = [jax.random.normal(k, s, jnp.float32) * (1.0 / math.sqrt(s[-2]) if len(s) >= 2 else 0.02)
+           for k, s in zip(keys, leaves, strict=True)]
+    p = jax.tree.unflatten(tree, [o.astype(dtype) for o in out])
+    p["t_freqs"] = jnp.asarray(sinusoid_freqs(128))
+    p["rope_bands"] = jnp.asarray(10000.0 ** (-np.arange(cfg.n_bands) / cfg.n_bands), jnp.float32)
+    return p
+
+
+# ----- pieces of the forward -------------------------------------------------------------------------
+def patchify(cfg: Magi1Config, x: jax.Array) -> jax.Array:
+    """[C, T, H, W] -> [S, C·pt·ph·pw] tokens in (T, H, W) order, patch flattened as (c, kt, kh, kw)."""
+    c, t, h, w = x.shape
+    pt, p = cfg.t_patch_size, cfg.patch_size
+    x = x.reshape(c, t // pt, pt, h // p, p, w // p, p).transpose(1, 3, 5, 0, 2, 4, 6)
+    return x.reshape(-1, c * pt * p * p)
+
+
+def unpatchify(cfg: Magi1Config, y: jax.Array, t: int, h: int, w: int) -> jax.Array:
+    """[S, pt·ph·pw·C] (channel fastest) -> [C, T, H, W]."""
+    pt, p, c = cfg.t_patch_size, cfg.patch_size, cfg.out_channels
+    y = y.reshape(t // pt, h // p, w // p, pt, p, p, c).transpose(6, 0, 3, 1, 4, 2, 5)
+    return y.reshape(c, t, h, w)
+
+
+def rope_table(bands: jax.Array, t_total: int, hp: int, wp: int, keep: int) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) [keep, 3·nb] for the last ``keep`` tokens of a [t_total, hp, wp] grid (spec §3.2)."""
+    def coords(n: int, ref: float | None = None) -> np.ndarray:
+        if n == 1:  # a size-1 axis keeps coordinate 0
+            return np.zeros(1, np.float32)
+        i = np.arange(n, dtype=np.float32)
+        if ref is None:  # time: absolute index (the reference's rescale to itself, in fp32)
+            return (i / np.float32(n - 1) * np.float32(n - 1)).astype(np.float32)
+        return ((i - np.float32((n - 1) / 2)) * np.float32((ref - 1) / (n - 1))).astype(np.float32)
+
+    scale = math.sqrt(hp * wp / 256.0)  # space is squeezed to a 16-wide reference grid
+    tc, hc, wc = coords(t_total), coords(hp, hp / scale), coords(wp, wp / scale)
+    grid = np.stack(np.meshgrid(tc, hc, wc, indexing="ij"), -1).reshape(-1, 3)[-keep:]  # [keep, 3]
+    ang = jnp.asarray(grid)[:, :, None] * bands.astype(jnp.float32)[None, None, :]  # [keep, 3, nb]
+    ang = ang.reshape(keep, -1)
+    return jnp.sin(ang), jnp.cos(ang)
+
+
+def t_embed(p: dict, t: jax.Array, dtype) -> jax.Array:
+    """Timestep MLP on the cos-first sinusoid (rounded to the activation dtype as upstream)."""
+    e = timestep_sinusoid(t, p["t_freqs"]).astype(dtype).astype(jnp.float32)
+    e = jax.nn.silu(dense(e, p["t_embed"]["fc1"], jnp.float32))
+    return dense(e, p["t_embed"]["fc2"], jnp.float32)
+
+
+def distill_dt(num_steps: int, distill_interval: jax.Array | float) -> jax.Array:
+    """The distill step-size input: num_steps / 2, or 8 / interval for the 12-step shortcut grid."""
+    if num_steps == 12:
+        return jnp.float32(8.0) / jnp.asarray(distill_interval, jnp.float32)
+    return jnp.float32(num_steps / 2)
+
+
+def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Chunk r's queries [R, n, Hq, d] attend its own caption keys [R, L, G, d] where mask [R, L] is set."""
+    r, n, hq, d = q.shape
+    g = k.shape[2]
+    qg = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype).reshape(r, n, g, hq // g, d)
+    s = jnp.einsum("rngjd,rlgd->rgjnl", qg, k, preferred_element_type=jnp.float32)
+    s = jnp.where(mask[:, None, None, None, :] > 0, s, -jnp.inf)
+    pr = jax.nn.softmax(s, -1).astype(v.dtype)
+    o = jnp.einsum("rgjnl,rlgd->rngjd", pr, v, preferred_element_type=jnp.float32)
+    return o.reshape(r, n, hq, d).astype(q.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallSpec:
+    """Static facts of one call: sizes, the number of cached chunks read, and which chunks write K/V."""
+
+    chunks: int  # R, including a clean re-encode and a nearly-clean duplicate
+    slice_point: int  # cached chunks read (rows [0, slice_point·ctn) of the cache)
+    write_chunks: int  # leading chunks of the call whose K/V are written (R, or R - 1 with a duplicate)
+    num_steps: int
+    key_tile: int = 4096
+
+
+def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.Array, y_mask: jax.Array,
+                 kv_range: jax.Array, spec: CallSpec, cache: tuple[jax.Array, jax.Array] | None = None,
+                 distill_interval: jax.Array | float = 1.0, with_intermediates: bool = False) -> tuple:
+    """One upstream ``VideoDiTModel.forward``: velocity [C, T, H, W], new cache (K, V), intermediates.
+
+    ``cache`` is (K, V) [layers, rows, G, d]; rows [slice_point·ctn, ...) receive this call's K/V (post
+    norm and RoPE) for its first ``write_chunks`` chunks.
+    """
+    dt_ = cfg.jdtype
+    c, tt, hh, ww = x.shape
+    r = spec.chunks
+    hp, wp = hh // cfg.patch_size, ww // cfg.patch_size
+    s = (tt // cfg.t_patch_size) * hp * wp
+    ctn = s // r
+    hq, g, hd, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels, cfg.hidden_size
+    eps = cfg.layernorm_epsilon
+    one_p = cfg.apply_layernorm_1p
+
+    tokens = patchify(cfg, x.astype(jnp.float32) * cfg.x_rescale_factor)
+    h = dense(tokens, p["x_embed"], jnp.float32).astype(dt_)
+    t_total = tt // cfg.t_patch_size + spec.slice_point * (ctn // (hp * wp))
+    sin, cos = rope_table(p["rope_bands"], t_total, hp, wp, s)
+    e_t = t_embed(p, t, dt_)
+    e_dt = t_embed(p, jnp.broadcast_to(distill_dt(spec.num_steps, distill_interval), t.shape), dt_)
+    c_y = dense(p["y_embed"]["null_caption"][-2].astype(jnp.float32), p["y_embed"]["adaln"], jnp.float32)
+    cond = (e_t + e_dt + c_y).astype(dt_)  # [R, Dc]
+    cmap = jnp.repeat(jnp.arange(r), ctn)
+    y_x = jax.nn.silu(dense(y.astype(jnp.float32), p["y_embed"]["xattn"], jnp.float32)).astype(dt_)  # [R, L, Dx]
+    n_cached = spec.slice_point * ctn
+    lo = (kv_range[:, 0])[cmap].astype(jnp.int32)
+    hi = (kv_range[:, 1])[cmap].astype(jnp.int32)
+
+    if cache is None:  # a fresh cache just large enough for the rows this call reads and writes
+        cache = (jnp.zeros((cfg.num_layers, max(n_cached + spec.write_chunks * ctn, 1), g, hd), dt_),) * 2
+
+    def layer(h, inputs):
+        lp, ck, cv = inputs
+        gates = jnp.tanh(dense(jax.nn.silu(cond.astype(jnp.float32)).astype(dt_), lp["gate"]).astype(jnp.float32))
+        gates = gates.astype(dt_)
+        g_attn, g_mlp = gates[:, :d][cmap], gates[:, d:][cmap]
+        u = layer_norm(h, lp["pre_norm"]["scale"], lp["pre_norm"]["bias"], eps)
+        q = dense(u, lp["q"]).reshape(s, hq, hd)
+        k = dense(u, lp["k"]).reshape(s, g, hd)
+        v = dense(u, lp["v"]).reshape(s, g, hd)
+        qx = dense(u, lp["qx"]).reshape(s, hq, hd)
+        q = rotate_half(layer_norm(q.astype(jnp.float32), lp["q_norm"]["scale"], lp["q_norm"]["bias"], eps, one_p),
+                        sin[:, None], cos[:, None]).astype(dt_)
+        k = rotate_half(layer_norm(k.astype(jnp.float32), lp["k_norm"]["scale"], lp["k_norm"]["bias"], eps, one_p),
+                        sin[:, None], cos[:, None]).astype(dt_)
+        k_all = jnp.concatenate([ck[:n_cached].astype(dt_), k], 0)
+        v_all = jnp.concatenate([cv[:n_cached].astype(dt_), v], 0)
+        o_self = range_attention(q, k_all, v_all, lo, hi, spec.key_tile).reshape(s, hq * hd)
+        qx = layer_norm(qx, lp["qx_norm"]["scale"], lp["qx_norm"]["bias"], eps, one_p)
+        kx = layer_norm(dense(y_x, lp["kx"]).reshape(r, -1, g, hd), lp["kx_norm"]["scale"], lp["kx_norm"]["bias"],
+                        eps, one_p)
+        vx = dense(y_x, lp["vx"]).reshape(r, -1, g, hd)
+        o_x = cross_attention(qx.reshape(r, ctn, hq, hd), kx, vx, y_mask).reshape(s, hq * hd)
+        a = dense(jnp.concatenate([o_self, o_x], -1).astype(jnp.float32), lp["proj"], jnp.float32)
+        pn = lp["attn_post_norm"]
+        h = (h.astype(jnp.float32) + layer_norm(a * g_attn.astype(jnp.float32), pn["scale"], pn["bias"], eps, one_p)
+             ).astype(dt_)
+        m = layer_norm(h, lp["mlp_norm"]["scale"], lp["mlp_norm"]["bias"], eps)
+        m = dense(jax.nn.gelu(dense(m, lp["fc1"]).astype(jnp.float32), approximate=False).astype(dt_), lp["fc2"])
+        pn = lp["mlp_post_norm"]
+        h = (h.astype(jnp.float32) + layer_norm(m.astype(jnp.float32) * g_mlp.astype(jnp.float32), pn["scale"],
+                                                pn["bias"], eps, one_p)).astype(dt_)
+        nw = spec.write_chunks * ctn
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k[:nw].astype(ck.dtype), n_cached, 0) if nw else ck
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v[:nw].astype(cv.dtype), n_cached, 0) if nw else cv
+        return h, (ck, cv, h if with_intermediates else None)
+
+    h, (new_k, new_v, layer_outs) = jax.lax.scan(layer, h, (p["layers"], cache[0], cache[1]))
+    hf = layer_norm(h.astype(jnp.float32), p["final_norm"]["scale"], p["final_norm"]["bias"], eps, one_p)
+    out = dense(hf, p["final"], jnp.float32)
+    vel = unpatchify(cfg, out, tt, hh, ww) / cfg.x_rescale_factor
+    inter = None
+    if with_intermediates:
+        inter = {"x_embed": tokens @ p["x_embed"]["kernel"], "rope_sin": sin, "rope_cos": cos, "temb_t": e_t,
+                 "temb_dt": e_dt, "condition": cond, "y_xattn": y_x, "layer_out": layer_outs, "final_norm_out": hf}
+    return vel, (new_k, new_v), inter
+
+
+# ----- the NNX module --------------------------------------------------------------------------------
+class Magi1DiT(nnx.Module):
+    """The MAGI-1 DiT as an NNX module: parameters as ``nnx.Param`` leaves of the layout above."""
+
+    def __init__(self, cfg: Magi1Config, params: dict | None = None, *, rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        if params is None:
+            params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
+        self.params = nnx.data(jax.tree.map(nnx.Param, params))
+
+    def param_dict(self) -> dict:
+        return jax.tree.map(lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+    def __call__(self, x, t, y, y_mask, kv_range, spec: CallSpec, cache=None, distill_interval=1.0) -> Any:
+        return forward_call(self.cfg, self.param_dict(), x, t, y, y_mask, kv_range, spec, cache, distill_interval)

@@ -1,0 +1,119 @@
+"""MAGI-1 port vs the upstream golden fixture (per-call cases A, B1, B2), sizes read from the fixture."""
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from converters.keymaps.magi1 import convert_magi1
+from converters.safetensors_io import SafetensorsReader
+from models.layers import sinusoid_freqs, timestep_sinusoid
+from models.magi1 import CallSpec, Magi1Config, forward_call
+from tests.conftest import ROOT
+
+FIXTURE = Path(os.environ.get("FLOWCACHE_MAGI1_FIXTURE", ROOT.parent / "shared" / "fixtures" / "magi1_tiny"))
+TIGHT = dict(rtol=1e-5, atol=2e-5)  # README: with the fixture's frequency table
+
+
+def close(x, ref, rtol, atol):
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64).reshape(x.shape)
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(x / scale, ref / scale, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = Magi1Config.from_upstream(json.loads((FIXTURE / "config.json").read_text())["model_config"])
+    params = convert_magi1(SafetensorsReader(FIXTURE / "weights.safetensors"), cfg)
+    return cfg, params
+
+
+def run_call(cfg, params, case, pre, cache=None, freqs=True, key_tile=4096, inter=False):
+    p = dict(params)
+    if freqs:
+        p["t_freqs"] = case["timestep_freqs_f32"]
+    p = jax.tree.map(jnp.asarray, p)
+    r = int(case[pre + "fwd0_kw_denoising_range_num"])
+    dup = bool(case[pre + "fwd0_kw_distill_nearly_clean_chunk"])
+    write = (r - int(dup)) if bool(case.get(pre + "fwd0_update_kv_cache", False)) else 0
+    spec = CallSpec(chunks=r, slice_point=int(case[pre + "fwd0_kw_slice_point"]), write_chunks=write,
+                    num_steps=int(case[pre + "fwd0_kw_num_steps"]), key_tile=key_tile)
+    return forward_call(cfg, p, case[pre + "fwd0_x"][0], case[pre + "fwd0_t"][0], case[pre + "fwd0_y"][:, 0],
+                        case[pre + "fwd0_xattn_mask"][:, 0], case[pre + "fwd0_kv_range"], spec, cache,
+                        case[pre + "fwd0_kw_distill_interval"], with_intermediates=inter)
+
+
+@pytest.fixture(scope="module")
+def case_a():
+    return dict(np.load(FIXTURE / "case_A.npz"))
+
+
+@pytest.fixture(scope="module")
+def case_b():
+    return dict(np.load(FIXTURE / "case_B.npz"))
+
+
+def test_case_a_intermediates_and_output(model, case_a):
+    cfg, params = model
+    vel, _, it = run_call(cfg, params, case_a, "", inter=True)
+    a = case_a
+    close(timestep_sinusoid(jnp.asarray(a["fwd0_temb_t_in"]), jnp.asarray(a["timestep_freqs_f32"])),
+          a["fwd0_temb_t_freq"], **TIGHT)
+    close(it["x_embed"], a["fwd0_x_embed"], **TIGHT)
+    close(jnp.concatenate([it["rope_sin"], it["rope_cos"]], -1), a["fwd0_rope"], **TIGHT)
+    close(it["temb_t"], a["fwd0_temb_t_out"], **TIGHT)
+    close(it["temb_dt"], a["fwd0_temb_dt_out"], **TIGHT)
+    close(it["condition"], a["fwd0_condition"], **TIGHT)
+    mask = a["fwd0_xattn_mask"][:, 0] > 0
+    close(np.asarray(it["y_xattn"])[mask], a["fwd0_y_xattn_flat"], **TIGHT)
+    for i in range(cfg.num_layers):
+        close(it["layer_out"][i], a[f"fwd0_layer{i}_out"], **TIGHT)
+    close(it["final_norm_out"], a["fwd0_final_norm_out"], **TIGHT)
+    close(vel, a["fwd0_out"][0], **TIGHT)
+
+
+def test_case_a_own_frequencies(model, case_a):
+    """With frequencies computed here (not the fixture's table): the README's looser budget."""
+    cfg, params = model
+    assert np.abs(sinusoid_freqs(128) - case_a["timestep_freqs_f32"]).max() < 1e-6
+    vel, _, _ = run_call(cfg, params, case_a, "", freqs=False)
+    close(vel, case_a["fwd0_out"][0], rtol=1e-3, atol=2e-3)
+
+
+def empty_cache(cfg, case_b):
+    shape = case_b["B1_fwd0_kv_cache_after"].shape
+    assert shape[-1] == 2 * cfg.kv_channels and shape[0] == cfg.num_layers
+    z = jnp.zeros(shape[:-1] + (cfg.kv_channels,), jnp.float32)
+    return z, z
+
+
+def split(cache_kv):
+    h = cache_kv.shape[-1] // 2
+    return jnp.asarray(cache_kv[..., :h]), jnp.asarray(cache_kv[..., h:])
+
+
+def joined(cache):
+    return np.concatenate([np.asarray(cache[0]), np.asarray(cache[1])], -1)
+
+
+@pytest.mark.parametrize("key_tile", [4096, 64])
+def test_case_b_write_then_read(model, case_b, key_tile):
+    """B1 writes K/V from an empty cache; B2 reads B1's rows and writes its own (also with tiled keys)."""
+    cfg, params = model
+    vel, cache, _ = run_call(cfg, params, case_b, "B1_", empty_cache(cfg, case_b), key_tile=key_tile)
+    close(vel, case_b["B1_fwd0_out"][0], **TIGHT)
+    close(joined(cache), case_b["B1_fwd0_kv_cache_after"], **TIGHT)
+    vel, cache, _ = run_call(cfg, params, case_b, "B2_", cache, key_tile=key_tile)
+    close(vel, case_b["B2_fwd0_out"][0], **TIGHT)
+    close(joined(cache), case_b["B2_fwd0_kv_cache_after"], **TIGHT)
+
+
+def test_case_b2_standalone(model, case_b):
+    cfg, params = model
+    vel, _, _ = run_call(cfg, params, case_b, "B2_", split(case_b["B1_fwd0_kv_cache_after"]))
+    close(vel, case_b["B2_fwd0_out"][0], **TIGHT)
