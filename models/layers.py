@@ -59,12 +59,17 @@ def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
     return jnp.einsum("sgrd,lgd->grsl", q, k, preferred_element_type=jnp.float32)
 
 
-def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi: jax.Array,
-                    key_tile: int = 4096) -> jax.Array:
-    """Softmax attention where query i sees keys j with lo[i] <= j < hi[i]; GQA by consecutive head groups.
+def _in_ranges(j: jax.Array, ranges: jax.Array) -> jax.Array:
+    """[S, T] mask: key j lies in one of the query's half-open ranges ([S, n, 2])."""
+    lo, hi = ranges[:, :, 0][:, :, None], ranges[:, :, 1][:, :, None]
+    return jnp.any((j[None, None, :] >= lo) & (j[None, None, :] < hi), axis=1)
 
-    q [S, Hq, d], k/v [L, G, d], lo/hi [S] int32. Returns [S, Hq, d] in q's dtype. Every query must have at
-    least one key. Keys are processed in tiles of ``key_tile`` with an online softmax.
+
+def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, key_tile: int = 4096) -> jax.Array:
+    """Softmax attention where query i sees the keys in its ranges; GQA by consecutive head groups.
+
+    q [S, Hq, d], k/v [L, G, d], ranges [S, n, 2] int32 half-open. Returns [S, Hq, d] in q's dtype. Every
+    query must have at least one key. Keys are processed in tiles of ``key_tile`` with an online softmax.
     """
     s, hq, d = q.shape
     length, g, _ = k.shape
@@ -74,8 +79,7 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi:
         m, l_sum, acc = carry
         kt = jax.lax.dynamic_slice_in_dim(k, start, key_tile)
         vt = jax.lax.dynamic_slice_in_dim(v, start, key_tile)
-        j = start + jnp.arange(key_tile)
-        ok = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])  # [S, T]
+        ok = _in_ranges(start + jnp.arange(key_tile), ranges)  # [S, T]
         sc = jnp.where(ok, _scores(qg, kt), -jnp.inf)
         m_new = jnp.maximum(m, sc.max(-1))
         safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -87,8 +91,7 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi:
         return (m_new, l_sum, acc), None
 
     if length <= key_tile:  # one tile: plain masked softmax
-        j = jnp.arange(length)
-        ok = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])
+        ok = _in_ranges(jnp.arange(length), ranges)
         p = jax.nn.softmax(jnp.where(ok, _scores(qg, k), -jnp.inf), axis=-1)
         out = jnp.einsum("grsl,lgd->grsd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     else:

@@ -145,21 +145,23 @@ def unpatchify(cfg: Magi1Config, y: jax.Array, t: int, h: int, w: int) -> jax.Ar
     return y.reshape(c, t, h, w)
 
 
-def rope_table(bands: jax.Array, t_total: int, hp: int, wp: int, keep: int) -> tuple[jax.Array, jax.Array]:
-    """(sin, cos) [keep, 3·nb] for the last ``keep`` tokens of a [t_total, hp, wp] grid (spec §3.2)."""
-    def coords(n: int, ref: float | None = None) -> np.ndarray:
+def rope_table(bands: jax.Array, frame_offset: jax.Array, frames: int, hp: int, wp: int
+               ) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) [frames·hp·wp, 3·nb] for frames ``frame_offset + [0, frames)`` of the video (spec §3.2).
+
+    Time is the absolute latent-frame index; space is centred and squeezed to a 16-wide reference grid.
+    """
+    def centred(n: int, ref: float) -> np.ndarray:
         if n == 1:  # a size-1 axis keeps coordinate 0
             return np.zeros(1, np.float32)
-        i = np.arange(n, dtype=np.float32)
-        if ref is None:  # time: absolute index (the reference's rescale to itself, in fp32)
-            return (i / np.float32(n - 1) * np.float32(n - 1)).astype(np.float32)
-        return ((i - np.float32((n - 1) / 2)) * np.float32((ref - 1) / (n - 1))).astype(np.float32)
+        return ((np.arange(n, dtype=np.float32) - np.float32((n - 1) / 2)) * np.float32((ref - 1) / (n - 1))
+                ).astype(np.float32)
 
-    scale = math.sqrt(hp * wp / 256.0)  # space is squeezed to a 16-wide reference grid
-    tc, hc, wc = coords(t_total), coords(hp, hp / scale), coords(wp, wp / scale)
-    grid = np.stack(np.meshgrid(tc, hc, wc, indexing="ij"), -1).reshape(-1, 3)[-keep:]  # [keep, 3]
-    ang = jnp.asarray(grid)[:, :, None] * bands.astype(jnp.float32)[None, None, :]  # [keep, 3, nb]
-    ang = ang.reshape(keep, -1)
+    scale = math.sqrt(hp * wp / 256.0)
+    tc = jnp.asarray(frame_offset, jnp.float32) + jnp.arange(frames, dtype=jnp.float32)
+    hc, wc = jnp.asarray(centred(hp, hp / scale)), jnp.asarray(centred(wp, wp / scale))
+    grid = jnp.stack(jnp.meshgrid(tc, hc, wc, indexing="ij"), -1).reshape(-1, 3)
+    ang = (grid[:, :, None] * bands.astype(jnp.float32)[None, None, :]).reshape(grid.shape[0], -1)
     return jnp.sin(ang), jnp.cos(ang)
 
 
@@ -189,54 +191,45 @@ def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     return o.reshape(r, n, hq, d).astype(q.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class CallSpec:
-    """Static facts of one call: sizes, the number of cached chunks read, and which chunks write K/V."""
-
-    chunks: int  # R, including a clean re-encode and a nearly-clean duplicate
-    slice_point: int  # cached chunks read (rows [0, slice_point·ctn) of the cache)
-    write_chunks: int  # leading chunks of the call whose K/V are written (R, or R - 1 with a duplicate)
-    num_steps: int
-    key_tile: int = 4096
-
-
 def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.Array, y_mask: jax.Array,
-                 kv_range: jax.Array, spec: CallSpec, cache: tuple[jax.Array, jax.Array] | None = None,
-                 distill_interval: jax.Array | float = 1.0, with_intermediates: bool = False) -> tuple:
-    """One upstream ``VideoDiTModel.forward``: velocity [C, T, H, W], new cache (K, V), intermediates.
+                 kv_range: jax.Array, buffer: tuple[jax.Array, jax.Array], slice_point: jax.Array | int,
+                 num_steps: int, write_chunks: int, distill_interval: jax.Array | float = 1.0,
+                 key_tile: int = 4096, with_intermediates: bool = False) -> tuple:
+    """One upstream ``VideoDiTModel.forward`` of R chunks: velocity [C, T, H, W], new buffer, intermediates.
 
-    ``cache`` is (K, V) [layers, rows, G, d]; rows [slice_point·ctn, ...) receive this call's K/V (post
-    norm and RoPE) for its first ``write_chunks`` chunks.
+    ``kv_range`` [R, 2] indexes the reference's key space [rows 0..slice_point·ctn of the cache ; this
+    call's rows]. ``buffer`` is (K, V) [layers, rows, G, d] with a static row count; its rows below
+    ``slice_point·ctn`` are read, and rows from there receive this call's K/V (post norm and RoPE) for its
+    first ``write_chunks`` chunks. ``slice_point`` may be traced, so one compiled call serves every chunk.
     """
     dt_ = cfg.jdtype
     c, tt, hh, ww = x.shape
-    r = spec.chunks
-    hp, wp = hh // cfg.patch_size, ww // cfg.patch_size
-    s = (tt // cfg.t_patch_size) * hp * wp
+    r = t.shape[0]
+    hp, wp, frames = hh // cfg.patch_size, ww // cfg.patch_size, tt // cfg.t_patch_size
+    s = frames * hp * wp
     ctn = s // r
     hq, g, hd, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels, cfg.hidden_size
-    eps = cfg.layernorm_epsilon
-    one_p = cfg.apply_layernorm_1p
+    eps, one_p = cfg.layernorm_epsilon, cfg.apply_layernorm_1p
+    n_buf = buffer[0].shape[1]
+    c0 = jnp.asarray(slice_point, jnp.int32) * ctn
 
     tokens = patchify(cfg, x.astype(jnp.float32) * cfg.x_rescale_factor)
     h = dense(tokens, p["x_embed"], jnp.float32).astype(dt_)
-    t_total = tt // cfg.t_patch_size + spec.slice_point * (ctn // (hp * wp))
-    sin, cos = rope_table(p["rope_bands"], t_total, hp, wp, s)
+    sin, cos = rope_table(p["rope_bands"], jnp.asarray(slice_point) * (frames // r), frames, hp, wp)
     e_t = t_embed(p, t, dt_)
-    e_dt = t_embed(p, jnp.broadcast_to(distill_dt(spec.num_steps, distill_interval), t.shape), dt_)
+    e_dt = t_embed(p, jnp.broadcast_to(distill_dt(num_steps, distill_interval), t.shape), dt_)
     c_y = dense(p["y_embed"]["null_caption"][-2].astype(jnp.float32), p["y_embed"]["adaln"], jnp.float32)
     cond = (e_t + e_dt + c_y).astype(dt_)  # [R, Dc]
     cmap = jnp.repeat(jnp.arange(r), ctn)
     y_x = jax.nn.silu(dense(y.astype(jnp.float32), p["y_embed"]["xattn"], jnp.float32)).astype(dt_)  # [R, L, Dx]
-    n_cached = spec.slice_point * ctn
-    lo = (kv_range[:, 0])[cmap].astype(jnp.int32)
-    hi = (kv_range[:, 1])[cmap].astype(jnp.int32)
-
-    if cache is None:  # a fresh cache just large enough for the rows this call reads and writes
-        cache = (jnp.zeros((cfg.num_layers, max(n_cached + spec.write_chunks * ctn, 1), g, hd), dt_),) * 2
+    # The reference's key range [a, b) split into buffer rows [a, min(b, c0)) and own rows shifted past the buffer.
+    a_, b_ = kv_range[:, 0].astype(jnp.int32), kv_range[:, 1].astype(jnp.int32)
+    ranges = jnp.stack([jnp.stack([a_, jnp.minimum(b_, c0)], -1),
+                        jnp.stack([jnp.maximum(a_, c0) - c0 + n_buf, b_ - c0 + n_buf], -1)], 1)[cmap]
+    n_write = write_chunks * ctn
 
     def layer(h, inputs):
-        lp, ck, cv = inputs
+        lp, bk, bv = inputs
         gates = jnp.tanh(dense(jax.nn.silu(cond.astype(jnp.float32)).astype(dt_), lp["gate"]).astype(jnp.float32))
         gates = gates.astype(dt_)
         g_attn, g_mlp = gates[:, :d][cmap], gates[:, d:][cmap]
@@ -249,9 +242,9 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
                         sin[:, None], cos[:, None]).astype(dt_)
         k = rotate_half(layer_norm(k.astype(jnp.float32), lp["k_norm"]["scale"], lp["k_norm"]["bias"], eps, one_p),
                         sin[:, None], cos[:, None]).astype(dt_)
-        k_all = jnp.concatenate([ck[:n_cached].astype(dt_), k], 0)
-        v_all = jnp.concatenate([cv[:n_cached].astype(dt_), v], 0)
-        o_self = range_attention(q, k_all, v_all, lo, hi, spec.key_tile).reshape(s, hq * hd)
+        k_all = jnp.concatenate([bk.astype(dt_), k], 0)
+        v_all = jnp.concatenate([bv.astype(dt_), v], 0)
+        o_self = range_attention(q, k_all, v_all, ranges, key_tile).reshape(s, hq * hd)
         qx = layer_norm(qx, lp["qx_norm"]["scale"], lp["qx_norm"]["bias"], eps, one_p)
         kx = layer_norm(dense(y_x, lp["kx"]).reshape(r, -1, g, hd), lp["kx_norm"]["scale"], lp["kx_norm"]["bias"],
                         eps, one_p)
@@ -266,12 +259,12 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
         pn = lp["mlp_post_norm"]
         h = (h.astype(jnp.float32) + layer_norm(m.astype(jnp.float32) * g_mlp.astype(jnp.float32), pn["scale"],
                                                 pn["bias"], eps, one_p)).astype(dt_)
-        nw = spec.write_chunks * ctn
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k[:nw].astype(ck.dtype), n_cached, 0) if nw else ck
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v[:nw].astype(cv.dtype), n_cached, 0) if nw else cv
-        return h, (ck, cv, h if with_intermediates else None)
+        if n_write:
+            bk = jax.lax.dynamic_update_slice_in_dim(bk, k[:n_write].astype(bk.dtype), c0, 0)
+            bv = jax.lax.dynamic_update_slice_in_dim(bv, v[:n_write].astype(bv.dtype), c0, 0)
+        return h, (bk, bv, h if with_intermediates else None)
 
-    h, (new_k, new_v, layer_outs) = jax.lax.scan(layer, h, (p["layers"], cache[0], cache[1]))
+    h, (new_k, new_v, layer_outs) = jax.lax.scan(layer, h, (p["layers"], buffer[0], buffer[1]))
     hf = layer_norm(h.astype(jnp.float32), p["final_norm"]["scale"], p["final_norm"]["bias"], eps, one_p)
     out = dense(hf, p["final"], jnp.float32)
     vel = unpatchify(cfg, out, tt, hh, ww) / cfg.x_rescale_factor
@@ -280,6 +273,12 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
         inter = {"x_embed": tokens @ p["x_embed"]["kernel"], "rope_sin": sin, "rope_cos": cos, "temb_t": e_t,
                  "temb_dt": e_dt, "condition": cond, "y_xattn": y_x, "layer_out": layer_outs, "final_norm_out": hf}
     return vel, (new_k, new_v), inter
+
+
+def empty_buffer(cfg: Magi1Config, rows: int, dtype=None) -> tuple[jax.Array, jax.Array]:
+    """A zeroed (K, V) buffer [layers, rows, G, d]; rows must be >= 1 (shapes are static)."""
+    z = jnp.zeros((cfg.num_layers, max(rows, 1), cfg.num_query_groups, cfg.kv_channels), dtype or cfg.jdtype)
+    return z, z
 
 
 # ----- the NNX module --------------------------------------------------------------------------------
@@ -295,5 +294,7 @@ class Magi1DiT(nnx.Module):
     def param_dict(self) -> dict:
         return jax.tree.map(lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
-    def __call__(self, x, t, y, y_mask, kv_range, spec: CallSpec, cache=None, distill_interval=1.0) -> Any:
-        return forward_call(self.cfg, self.param_dict(), x, t, y, y_mask, kv_range, spec, cache, distill_interval)
+    def __call__(self, x, t, y, y_mask, kv_range, buffer, slice_point, num_steps, write_chunks,
+                 distill_interval=1.0) -> Any:
+        return forward_call(self.cfg, self.param_dict(), x, t, y, y_mask, kv_range, buffer, slice_point, num_steps,
+                            write_chunks, distill_interval)

@@ -12,7 +12,7 @@ import pytest
 from converters.keymaps.magi1 import convert_magi1
 from converters.safetensors_io import SafetensorsReader
 from models.layers import sinusoid_freqs, timestep_sinusoid
-from models.magi1 import CallSpec, Magi1Config, forward_call
+from models.magi1 import Magi1Config, empty_buffer, forward_call
 from tests.conftest import ROOT
 
 FIXTURE = Path(os.environ.get("FLOWCACHE_MAGI1_FIXTURE", ROOT.parent / "shared" / "fixtures" / "magi1_tiny"))
@@ -41,11 +41,14 @@ def run_call(cfg, params, case, pre, cache=None, freqs=True, key_tile=4096, inte
     r = int(case[pre + "fwd0_kw_denoising_range_num"])
     dup = bool(case[pre + "fwd0_kw_distill_nearly_clean_chunk"])
     write = (r - int(dup)) if bool(case.get(pre + "fwd0_update_kv_cache", False)) else 0
-    spec = CallSpec(chunks=r, slice_point=int(case[pre + "fwd0_kw_slice_point"]), write_chunks=write,
-                    num_steps=int(case[pre + "fwd0_kw_num_steps"]), key_tile=key_tile)
+    sp = int(case[pre + "fwd0_kw_slice_point"])
+    if cache is None:  # a buffer just large enough for the rows this call reads and writes
+        ctn = int(case[pre + "fwd0_clip_token_nums"])
+        cache = empty_buffer(cfg, (sp + write) * ctn)
     return forward_call(cfg, p, case[pre + "fwd0_x"][0], case[pre + "fwd0_t"][0], case[pre + "fwd0_y"][:, 0],
-                        case[pre + "fwd0_xattn_mask"][:, 0], case[pre + "fwd0_kv_range"], spec, cache,
-                        case[pre + "fwd0_kw_distill_interval"], with_intermediates=inter)
+                        case[pre + "fwd0_xattn_mask"][:, 0], case[pre + "fwd0_kv_range"], cache, sp,
+                        int(case[pre + "fwd0_kw_num_steps"]), write, case[pre + "fwd0_kw_distill_interval"],
+                        key_tile=key_tile, with_intermediates=inter)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +120,23 @@ def test_case_b2_standalone(model, case_b):
     cfg, params = model
     vel, _, _ = run_call(cfg, params, case_b, "B2_", split(case_b["B1_fwd0_kv_cache_after"]))
     close(vel, case_b["B2_fwd0_out"][0], **TIGHT)
+
+
+def test_case_b2_traced_slice_point_and_stale_rows(model, case_b):
+    """One compiled call for any chunk: slice_point traced, a larger buffer whose rows past it hold garbage."""
+    cfg, params = model
+    b = case_b
+    k, v = split(b["B1_fwd0_kv_cache_after"])
+    ctn = int(b["B2_fwd0_clip_token_nums"])
+    sp = int(b["B2_fwd0_kw_slice_point"])
+    junk = jax.random.normal(jax.random.PRNGKey(0), (k.shape[0], 3 * ctn, *k.shape[2:]))
+    k = jnp.concatenate([k[:, : sp * ctn], junk[:, : k.shape[1] - sp * ctn], junk], 1)
+    v = jnp.concatenate([v[:, : sp * ctn], junk[:, : v.shape[1] - sp * ctn], junk], 1)
+    p = jax.tree.map(jnp.asarray, dict(params, t_freqs=b["timestep_freqs_f32"]))
+    r = int(b["B2_fwd0_kw_denoising_range_num"])
+    fn = jax.jit(lambda p, buf, sp: forward_call(cfg, p, b["B2_fwd0_x"][0], b["B2_fwd0_t"][0], b["B2_fwd0_y"][:, 0],
+                                                 b["B2_fwd0_xattn_mask"][:, 0], b["B2_fwd0_kv_range"], buf, sp,
+                                                 int(b["B2_fwd0_kw_num_steps"]), r - 1)[:2])
+    vel, buf = fn(p, (k, v), jnp.int32(sp))
+    close(vel, b["B2_fwd0_out"][0], **TIGHT)
+    close(joined(buf)[:, : b["B2_fwd0_kv_cache_after"].shape[1]], b["B2_fwd0_kv_cache_after"], **TIGHT)
