@@ -47,10 +47,13 @@ def convert(reader: Any, rules: tuple[Rule, ...], transforms: Mapping[str, Trans
     for rule in rules:
         layers = range(num_layers) if rule.per_layer else [None]
         pieces: list[list[np.ndarray]] = [[] for _ in rule.dst]
+        absent = [i for i in layers if rule.src.format(i=i) not in available]
+        if absent:
+            which = "" if absent == [None] else f" for layers {_ranges(absent)}"
+            problems.append(f"missing key {rule.src}{which}")
         for i in layers:
             key = rule.src.format(i=i)
             if key not in available:
-                problems.append(f"missing key {key}")
                 continue
             used.add(key)
             arr = np.asarray(reader[key])
@@ -62,20 +65,33 @@ def convert(reader: Any, rules: tuple[Rule, ...], transforms: Mapping[str, Trans
             except (ValueError, IndexError) as e:
                 problems.append(f"{key}: shape {arr.shape} does not fit ({e})")
                 continue
-            for j, r in enumerate(results):
-                pieces[j].append(r)
+            for j, (path, res) in enumerate(zip(rule.dst, results, strict=True)):
+                want = tuple(_get(expected, path))[1 if rule.per_layer else 0:]
+                if res.shape != want:
+                    problems.append(f"{key}: shape {arr.shape} converts to {res.shape}, expected {want} at {path}")
+                else:
+                    pieces[j].append(res)
         if any(len(p) != len(layers) for p in pieces):
             continue
         for path, p in zip(rule.dst, pieces, strict=True):
             value = np.stack(p) if rule.per_layer else p[0]
-            want = tuple(_get(expected, path))
-            if value.shape != want:
-                problems.append(f"{rule.src}: converted shape {value.shape} != expected {want} at {path}")
-                continue
             _set(out, path, value.astype(dtype) if dtype is not None else value)
     extra = sorted(available - used)
-    problems += [f"unexpected key {k}" for k in extra[:20]] + ([f"... and {len(extra) - 20} more unexpected keys"]
-                                                              if len(extra) > 20 else [])
+    problems += [f"unexpected key {k}" for k in extra]
     if problems:
-        raise CheckpointError(f"{len(problems)} problem(s) converting the checkpoint:\n  " + "\n  ".join(problems))
+        shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
+        hint = ("\n(shapes or layer counts differ from the model config: pass the config the weights belong to "
+                "with --model_config)" if any("expected" in p or "for layers" in p for p in problems) else "")
+        raise CheckpointError(f"{len(problems)} problem(s) converting the checkpoint:\n  " + "\n  ".join(shown)
+                              + hint)
     return out
+
+
+def _ranges(idx: list[int]) -> str:
+    """[2, 3, 4, 7] -> '2-4, 7'."""
+    out, start = [], idx[0]
+    for a, b in zip(idx, idx[1:] + [None], strict=True):
+        if b != a + 1:
+            out.append(f"{start}-{a}" if a != start else str(a))
+            start = b
+    return ", ".join(out)

@@ -1,0 +1,110 @@
+r"""Convert an upstream PyTorch checkpoint (safetensors) into a Flax parameter tree saved with orbax.
+
+  python -m converters.convert --model=magi1 --src=PATH --dst=DIR [--model_config=JSON] [--dtype=keep|bf16|fp32]
+
+PATH is one ``.safetensors`` file or a folder with ``*.safetensors.index.json`` shards (the released
+``4.5B_distill/inference_weight.distill`` layout). JSON is an upstream config file (a fixture's
+``config.json`` or the released ``4.5B_distill_config.json``); without it the released 4.5B-distill
+config is used. DIR receives ``params/`` (orbax) and ``model_config.json``. Pickle-based ``.pt/.bin``
+files are only read with ``--allow_pickle_weights_only`` (``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+
+_MODEL = flags.DEFINE_enum("model", "magi1", ["magi1"], "Which model family the checkpoint holds.")
+_SRC = flags.DEFINE_string("src", None, "Upstream .safetensors file or folder with an index json.")
+_DST = flags.DEFINE_string("dst", None, "Output folder.")
+_CONFIG = flags.DEFINE_string("model_config", None, "Upstream config JSON (default: released 4.5B-distill).")
+_DTYPE = flags.DEFINE_enum("dtype", "keep", ["keep", "bf16", "fp32"],
+                           "keep: on-disk dtypes; bf16: transformer layers in bf16, embedders/head fp32; fp32: all.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --dst.")
+_PICKLE = flags.DEFINE_bool("allow_pickle_weights_only", False,
+                            "Allow a .pt/.bin source, read with torch.load(weights_only=True).")
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def read_model_config(path: str | None) -> dict:
+    from models.magi1 import MAGI1_4P5B_DISTILL
+
+    if path is None:
+        return dict(MAGI1_4P5B_DISTILL)
+    p = Path(path)
+    if not p.is_file():
+        fail(f"--model_config {p} does not exist")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        fail(f"--model_config {p} is not valid JSON ({e})")
+    return d.get("model_config", d)
+
+
+def digests(src: Path) -> dict[str, str]:
+    files = [src] if src.is_file() else sorted(src.glob("*.safetensors*"))
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        out[f.name] = h.hexdigest()
+    return out
+
+
+def convert_to_dir(model: str, src: str | Path, dst: str | Path, model_config: dict, dtype: str = "keep",
+                   overwrite: bool = False, allow_pickle: bool = False) -> Path:
+    """The whole conversion; raises CheckpointError / ValueError / FileExistsError with readable messages."""
+    import numpy as np
+
+    from converters.keymaps.magi1 import convert_magi1
+    from converters.safetensors_io import SafetensorsReader, load_pytorch_weights_only
+    from flowcache_jax import checkpoint
+    from models.magi1 import Magi1Config
+
+    src = Path(src)
+    cfg = Magi1Config.from_upstream(model_config)
+    if src.suffix in (".pt", ".pth", ".bin") and allow_pickle:
+        reader = load_pytorch_weights_only(src)
+    else:
+        reader = SafetensorsReader(src)
+    params = convert_magi1(reader, cfg)
+    if dtype != "keep":
+        import ml_dtypes
+
+        f32 = lambda t: {k: (f32(v) if isinstance(v, dict) else np.asarray(v, np.float32)) for k, v in t.items()}
+        params = f32(params)
+        if dtype == "bf16":
+            bf = lambda t: {k: (bf(v) if isinstance(v, dict) else v.astype(ml_dtypes.bfloat16)) for k, v in t.items()}
+            params["layers"] = bf(params["layers"])
+    meta = {"model": model, "model_config": model_config, "dtype": dtype,
+            "source": {"path": str(src.resolve()), "sha256": digests(src)}}
+    return checkpoint.save(dst, params, meta, overwrite=overwrite)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from converters.safetensors_io import CheckpointError
+
+    if not _SRC.value or not _DST.value:
+        fail("--src and --dst are required")
+    try:
+        out = convert_to_dir(_MODEL.value, _SRC.value, _DST.value, read_model_config(_CONFIG.value), _DTYPE.value,
+                             _OVERWRITE.value, _PICKLE.value)
+    except (CheckpointError, ValueError, FileExistsError) as e:
+        fail(str(e))
+    print(f"wrote {out} ({_MODEL.value}, dtype {_DTYPE.value})")
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.WARNING)
+    app.run(main)
