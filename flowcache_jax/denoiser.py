@@ -20,6 +20,8 @@ class SlotInfo(NamedTuple):
     k: jax.Array  # int32 completed updates of this chunk
     t: jax.Array  # float32 time, 0 = noise, 1 = clean
     dt: jax.Array  # float32 Euler step of this update
+    position: jax.Array  # int32 place in the window, 0 = oldest chunk
+    window_end: jax.Array  # int32 one past the newest chunk of the window (MAGI's duplicate sits there)
 
 
 class ChunkOutput(NamedTuple):
@@ -48,3 +50,6 @@ class Denoiser(Protocol):
     def velocity_from_residual(self, params: PyTree, cond: PyTree, x: jax.Array, info: SlotInfo,
                                residual: jax.Array) -> jax.Array:
         """The cheap head applied to (current input embedding + cached residual)."""
+
+    # Optional: ``encode_clean(params, cond, x, info, kv) -> kv`` re-encodes a just-finished chunk's K/V
+    # (MAGI's clean re-encode); the sampler calls it at the next stage start when asked to.

@@ -27,7 +27,7 @@ def chunk_forward_flops(denoiser: Any, params: Any, cond: Any, batch: int, windo
     from flowcache_jax.denoiser import SlotInfo
 
     x = jnp.zeros((batch, *denoiser.chunk_shape), jnp.float32)
-    info = SlotInfo(jnp.int32(1), jnp.int32(1), jnp.float32(0.5), jnp.float32(0.01))
+    info = SlotInfo(jnp.int32(1), jnp.int32(1), jnp.float32(0.5), jnp.float32(0.01), jnp.int32(1), jnp.int32(2))
     kv = denoiser.init_kv(batch, window)
     return compiled_flops(lambda p, x, i, kv: denoiser.forward_chunk(p, cond, x, i, kv), params, x, info, kv)
 

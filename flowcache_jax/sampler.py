@@ -36,10 +36,14 @@ class RunResult:
     chunk: np.ndarray  # int32 [steps, W]: chunk id at each position, -1 empty
     rel: np.ndarray  # float32 [steps, W]: raw rel-L1 of the metric features (nan if no previous)
     update_l1: np.ndarray  # float32 [steps, W]: mean|x_new - x| / mean|x|, Theorem 1's L1_rel
+    acc_before: np.ndarray  # float32 [steps, W]: the chunk's accumulator before the decision
+    acc: np.ndarray  # float32 [steps, W]: after it
+    reason: np.ndarray  # int8 [steps, W]: policies.base FORCED/NEW/WARMUP/THRESHOLD/REUSED, -1 empty
     computed: int  # chunk forwards run
     chunk_forwards_vanilla: int
     wall: dict[str, float]  # compile / denoise seconds
     traces: int  # times the stage function was traced (compiled) by this sampler
+    stage_latents: np.ndarray | None = None  # [stages, B, n_chunks, ...]: every chunk after each stage
 
     @property
     def computed_fraction(self) -> float:
@@ -62,15 +66,18 @@ class Sampler:
     """Binds a denoiser, a policy and a window; compiles the stage function once."""
 
     def __init__(self, denoiser: Denoiser, policy: Policy, window: int, batch: int = 1,
-                 reuse: str = "displacement", metric_dtype: str = "float32"):
+                 reuse: str = "displacement", metric_dtype: str = "float32", reencode_clean: bool = False):
         if reuse not in REUSE_MODES:
             raise ValueError(f"reuse must be one of {REUSE_MODES}, got {reuse!r}")
         if metric_dtype not in METRIC_DTYPES:
             raise ValueError(f"metric_dtype must be one of {tuple(METRIC_DTYPES)}, got {metric_dtype!r}")
         self.denoiser, self.policy, self.window, self.batch = denoiser, policy, window, batch
-        self.reuse, self.metric_dtype = reuse, METRIC_DTYPES[metric_dtype]
+        if reencode_clean and not hasattr(denoiser, "encode_clean"):
+            raise ValueError(f"{type(denoiser).__name__} has no encode_clean; set reencode_clean=False")
+        self.reuse, self.metric_dtype, self.reencode_clean = reuse, METRIC_DTYPES[metric_dtype], reencode_clean
         self.traces = 0
         self._compiled = None
+        self._noise = jax.jit(lambda k: denoiser.sample_noise(k, batch))
 
     # ----- state -------------------------------------------------------------------------------
     def init_state(self, params: Any, cond: Any, key: jax.Array) -> SamplerState:
@@ -82,7 +89,8 @@ class Sampler:
         if self.reuse == "displacement":
             cache = latent
         else:
-            info = SlotInfo(*(jax.ShapeDtypeStruct((), dt) for dt in (jnp.int32, jnp.int32, jnp.float32, jnp.float32)))
+            types = (jnp.int32, jnp.int32, jnp.float32, jnp.float32, jnp.int32, jnp.int32)
+            info = SlotInfo(*(jax.ShapeDtypeStruct((), dt) for dt in types))
             out, _ = jax.eval_shape(d.forward_chunk, params, cond, latent, info, d.init_kv(b, self.window))
             cache = out.residual
         return init_state(latent, feat, cache, self.window, d.init_kv(b, self.window),
@@ -101,15 +109,18 @@ class Sampler:
         info = StepInfo(active=active, present=present, k=row["k"], diff_l1=_mean_abs(feats - prev),
                         prev_l1=_mean_abs(prev), global_first=row["global_first"],
                         global_last=row["global_last"], step=state.step)
-        dec = self.policy.decide(state.acc[ring], state.glob, info)
+        acc_before = state.acc[ring]
+        dec = self.policy.decide(acc_before, state.glob, info)
         compute = dec.compute | (active & ~state.has_cache[ring])  # never reuse an empty cache
+        window_end = jnp.max(jnp.where(active, chunk, -1)) + 1
 
         def position(carry, j):
             def run(carry):
                 latents, cache, has_cache, kv, n = carry
                 r = ring[j]
                 xj, cj = _take(latents, r), _take(cache, r)
-                slot = SlotInfo(chunk=chunk[j], k=row["k"][j], t=row["t"][j], dt=row["dt"][j])
+                slot = SlotInfo(chunk=chunk[j], k=row["k"][j], t=row["t"][j], dt=row["dt"][j], position=j,
+                                window_end=window_end)
 
                 def forward(kv):
                     out, kv = d.forward_chunk(params, cond, xj, slot, kv)
@@ -142,16 +153,37 @@ class Sampler:
             prev_present=jnp.zeros_like(state.prev_present).at[ring_drop].set(True, mode="drop"),
             step=state.step + 1)
         rel = jnp.where(present, info.diff_l1 / (info.prev_l1 + 1e-8), jnp.nan)
+        nan = jnp.float32(jnp.nan)
         rec = {"decisions": jnp.where(active, compute.astype(jnp.int8), jnp.int8(-1)),
-               "chunk": jnp.where(active, chunk, -1), "rel": rel, "update_l1": upd}
+               "chunk": jnp.where(active, chunk, -1), "rel": rel, "update_l1": upd,
+               "acc_before": jnp.where(active, acc_before, nan), "acc": jnp.where(active, dec.acc, nan),
+               "reason": jnp.where(active, dec.reason, jnp.int8(-1)).astype(jnp.int8)}
         return state, rec
 
-    def _stage(self, params: Any, cond: Any, state: SamplerState, tab: dict) -> tuple[SamplerState, dict]:
+    def _reencode(self, params: Any, cond: Any, state: SamplerState, chunks: jax.Array) -> SamplerState:
+        """Re-encode chunks that finished in the previous stage (ring slot -> chunk id or -1), oldest first."""
+        w = self.window
+        order = jnp.argsort(jnp.where(chunks >= 0, chunks, jnp.iinfo(jnp.int32).max))
+
+        def one(kv, r):
+            c = chunks[r]
+            info = SlotInfo(chunk=c, k=jnp.int32(0), t=jnp.float32(1.0), dt=jnp.float32(0.0),
+                            position=jnp.int32(-1), window_end=c + 1)
+            kv = jax.lax.cond(c >= 0, lambda kv: self.denoiser.encode_clean(params, cond, state.latents[r], info, kv),
+                              lambda kv: kv, kv)
+            return kv, None
+
+        kv, _ = jax.lax.scan(one, state.kv, order[:w])
+        return state.replace(kv=kv)
+
+    def _stage(self, params: Any, cond: Any, state: SamplerState, tab: dict, noise: jax.Array
+               ) -> tuple[SamplerState, dict]:
         self.traces += 1  # Python side effect: runs once per trace, i.e. per compilation
-        d, w, b = self.denoiser, self.window, self.batch
+        w = self.window
+        if self.reencode_clean:
+            state = self._reencode(params, cond, state, tab["reencode"])
         enter = tab["enter"]
         ent = enter >= 0
-        noise = jax.vmap(lambda c: d.sample_noise(jax.random.fold_in(state.rng, c), b))(jnp.maximum(enter, 0))
         bcast = ent.reshape((w,) + (1,) * (state.latents.ndim - 1))
         state = state.replace(
             latents=jnp.where(bcast, noise.astype(state.latents.dtype), state.latents),
@@ -160,14 +192,27 @@ class Sampler:
 
         def step(state, row):
             def skip(state):
-                return state, {"decisions": jnp.full((w,), -1, jnp.int8), "chunk": jnp.full((w,), -1, jnp.int32),
-                               "rel": jnp.full((w,), jnp.nan), "update_l1": jnp.full((w,), jnp.nan)}
+                nan = jnp.full((w,), jnp.nan, jnp.float32)
+                neg = jnp.full((w,), -1, jnp.int8)
+                return state, {"decisions": neg, "chunk": jnp.full((w,), -1, jnp.int32), "rel": nan,
+                               "update_l1": nan, "acc_before": nan, "acc": nan, "reason": neg}
             return jax.lax.cond(row["step_valid"], lambda s: self._step(params, cond, s, row), skip, state)
 
         rows = {k: tab[k] for k in _STEP_KEYS}
         return jax.lax.scan(step, state, rows)
 
-    # ----- host loop ---------------------------------------------------------------------------
+    def entering_noise(self, table: ScheduleTable, stage: int, key: jax.Array,
+                       initial_noise: np.ndarray | None) -> np.ndarray:
+        """Noise of the chunks entering at ``stage`` per ring slot: ``initial_noise[:, c]`` or fold_in(key, c)."""
+        shape = (self.window, self.batch, *self.denoiser.chunk_shape)
+        out = np.zeros(shape, np.float32)
+        for r, c in enumerate(table.enter[stage]):
+            if c >= 0:
+                out[r] = (initial_noise[:, c] if initial_noise is not None
+                          else np.asarray(self._noise(jax.random.fold_in(key, int(c)))))
+        return out
+
+        # ----- host loop ---------------------------------------------------------------------------
     def compile(self, params: Any, cond: Any, state: SamplerState, table: ScheduleTable) -> float:
         """AOT-compile the stage function once (shapes do not depend on the stage or video length)."""
         if table.window != self.window:
@@ -175,30 +220,44 @@ class Sampler:
         if self._compiled is not None:
             return 0.0
         t0 = time.perf_counter()
-        self._compiled = jax.jit(self._stage).lower(params, cond, state, table.stage(0)).compile()
+        noise = jax.ShapeDtypeStruct((self.window, self.batch, *self.denoiser.chunk_shape), jnp.float32)
+        self._compiled = jax.jit(self._stage).lower(params, cond, state, table.stage(0), noise).compile()
         return time.perf_counter() - t0
 
-    def run(self, params: Any, cond: Any, table: ScheduleTable, key: jax.Array,
-            progress: bool = True) -> RunResult:
+    def run(self, params: Any, cond: Any, table: ScheduleTable, key: jax.Array, progress: bool = True,
+            initial_noise: np.ndarray | None = None, record_stages: bool = False) -> RunResult:
+        """Generate a video. ``initial_noise`` [B, n_chunks, *chunk_shape] replaces the seeded noise."""
         state = self.init_state(params, cond, key)
         t_compile = self.compile(params, cond, state, table)
         video = np.zeros((self.batch, table.n_chunks, *self.denoiser.chunk_shape), np.float32)
-        recs = []
+        recs, stage_latents = [], []
+        if initial_noise is not None:
+            initial_noise = np.asarray(initial_noise, np.float32)
+            want = (self.batch, table.n_chunks, *self.denoiser.chunk_shape)
+            if initial_noise.shape != want:
+                raise ValueError(f"initial_noise has shape {initial_noise.shape}, expected {want}")
         t0 = time.perf_counter()
         for s in tqdm(range(table.num_stages), desc=f"{self.policy.name} stages", disable=not progress,
                       leave=False):
-            state, rec = self._compiled(params, cond, state, table.stage(s))
+            noise = self.entering_noise(table, s, key, initial_noise)
+            for r in np.flatnonzero(table.enter[s] >= 0):  # not-yet-finished chunks show their current latent
+                video[:, table.enter[s][r]] = noise[r]
+            state, rec = self._compiled(params, cond, state, table.stage(s), noise)
             recs.append(rec)
             fin = table.finish[s]
-            if (fin >= 0).any():
+            if (fin >= 0).any() or record_stages:
                 lat = np.asarray(state.latents)
-                for r in np.flatnonzero(fin >= 0):
-                    video[:, fin[r]] = lat[r]
+                ids = np.asarray(state.chunk) if record_stages else fin
+                for r in np.flatnonzero(ids >= 0):
+                    video[:, ids[r]] = lat[r]
+            if record_stages:
+                stage_latents.append(video.copy())
         computed = int(state.computed)
         t_denoise = time.perf_counter() - t0
         rec = {k: np.concatenate([np.asarray(r[k]) for r in recs])[table.step_valid.reshape(-1)]
                for k in recs[0]}
         return RunResult(video=video, decisions=rec["decisions"], chunk=rec["chunk"], rel=rec["rel"],
-                         update_l1=rec["update_l1"], computed=computed,
-                         chunk_forwards_vanilla=table.chunk_forwards,
-                         wall={"compile": t_compile, "denoise": t_denoise}, traces=self.traces)
+                         update_l1=rec["update_l1"], acc_before=rec["acc_before"], acc=rec["acc"],
+                         reason=rec["reason"], computed=computed, chunk_forwards_vanilla=table.chunk_forwards,
+                         wall={"compile": t_compile, "denoise": t_denoise}, traces=self.traces,
+                         stage_latents=np.stack(stage_latents) if record_stages else None)

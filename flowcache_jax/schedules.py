@@ -78,7 +78,9 @@ class ScheduleTable:
         """The arrays one jitted stage call receives (fixed shapes for every stage)."""
         names = ("chunk", "k", "t", "dt", "active", "first", "last", "step_valid", "global_first",
                  "global_last", "enter", "finish")
-        return {n: getattr(self, n)[s] for n in names}
+        out = {n: getattr(self, n)[s] for n in names}
+        out["reencode"] = self.finish[s - 1] if s > 0 else np.full_like(self.finish[0], -1)
+        return out
 
 
 def _table_from_updates(starts: np.ndarray, steps_per_chunk: int, total_steps: int, stage_len: int,

@@ -67,15 +67,16 @@ class SyntheticFlow:
 
     # ----- parameters ----------------------------------------------------------------------------
     def init_params(self) -> dict[str, jax.Array]:
-        rng = np.random.default_rng(self.seed)
+        # One generator per group, so the data and the metric do not change with the cost knobs.
+        rng_data, rng_mix, rng_embed = (np.random.default_rng([self.seed, i]) for i in range(3))
         k, c = self.mixture, self.channels
-        means = rng.standard_normal((k, c)) * self.data_scale
-        stds = self.component_std * self.data_scale * rng.uniform(0.5, 1.5, k)
-        logits = rng.standard_normal(k) * 0.5
-        proj = _orthogonal(rng, self.hidden)[:c]  # [C, H], proj @ proj.T = I
-        mix = np.stack([_orthogonal(rng, self.hidden) for _ in range(self.work)]) if self.work else \
+        means = rng_data.standard_normal((k, c)) * self.data_scale
+        stds = self.component_std * self.data_scale * rng_data.uniform(0.5, 1.5, k)
+        logits = rng_data.standard_normal(k) * 0.5
+        proj = _orthogonal(rng_mix, self.hidden)[:c]  # [C, H], proj @ proj.T = I
+        mix = np.stack([_orthogonal(rng_mix, self.hidden) for _ in range(self.work)]) if self.work else \
             np.zeros((0, self.hidden, self.hidden), np.float32)
-        embed = rng.standard_normal((c, self.feat_dim)) / math.sqrt(c)
+        embed = rng_embed.standard_normal((c, self.feat_dim)) / math.sqrt(c)
         p = dict(means=means, stds=stds, log_weights=logits - np.log(np.exp(logits).sum()), proj=proj,
                  mix=mix, embed=embed)
         return {n: jnp.asarray(v, jnp.float32) for n, v in p.items()}

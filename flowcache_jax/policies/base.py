@@ -24,10 +24,15 @@ class StepInfo(NamedTuple):
     step: jax.Array  # int32 []: global step counter before this step
 
 
+# Why a chunk was computed or reused (recorded per step; the MAGI reference's codes).
+FORCED, NEW, WARMUP, THRESHOLD, REUSED = 0, 1, 2, 3, 4
+
+
 class Decision(NamedTuple):
     compute: jax.Array  # bool [W]
     acc: jax.Array  # float32 [W], per-chunk accumulators (gathered by position)
     glob: Any  # policy-global state
+    reason: jax.Array  # int8 [W]: FORCED, NEW, WARMUP, THRESHOLD or REUSED
 
 
 class Policy(Protocol):

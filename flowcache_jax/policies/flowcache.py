@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flowcache_jax.policies.base import Decision, StepInfo, rescale
+from flowcache_jax.policies.base import FORCED, NEW, REUSED, THRESHOLD, WARMUP, Decision, StepInfo, rescale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,4 +39,5 @@ class FlowCache:
         reuse = info.active & ~forced & ~new & ~warm & (a < self.threshold)
         keep = forced | new | ~info.active
         new_acc = jnp.where(keep, acc, jnp.where(reuse, a, 0.0))
-        return Decision(compute=info.active & ~reuse, acc=new_acc.astype(jnp.float32), glob=glob)
+        reason = jnp.select([forced, new, warm, reuse], [FORCED, NEW, WARMUP, REUSED], THRESHOLD).astype(jnp.int8)
+        return Decision(compute=info.active & ~reuse, acc=new_acc.astype(jnp.float32), glob=glob, reason=reason)

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flowcache_jax.policies.base import Decision, StepInfo, rescale
+from flowcache_jax.policies.base import FORCED, NEW, REUSED, THRESHOLD, Decision, StepInfo, rescale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,4 +37,5 @@ class TeaCache:
         reuse_all = ~forced & (a < self.threshold)
         new_glob = jnp.where(reuse_all, a, 0.0).astype(jnp.float32)
         compute = info.active & ~(reuse_all & info.present)
-        return Decision(compute=compute, acc=acc, glob=new_glob)
+        reason = jnp.where(~info.present, NEW, jnp.where(forced, FORCED, jnp.where(reuse_all, REUSED, THRESHOLD)))
+        return Decision(compute=compute, acc=acc, glob=new_glob, reason=reason.astype(jnp.int8))

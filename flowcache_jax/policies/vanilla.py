@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flowcache_jax.policies.base import Decision, StepInfo
+from flowcache_jax.policies.base import FORCED, Decision, StepInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,4 +19,4 @@ class Vanilla:
         return jnp.zeros((), jnp.float32)
 
     def decide(self, acc: jax.Array, glob: Any, info: StepInfo) -> Decision:
-        return Decision(compute=info.active, acc=acc, glob=glob)
+        return Decision(compute=info.active, acc=acc, glob=glob, reason=jnp.full(acc.shape, FORCED, jnp.int8))
