@@ -39,6 +39,8 @@ class RunResult:
     acc_before: np.ndarray  # float32 [steps, W]: the chunk's accumulator before the decision
     acc: np.ndarray  # float32 [steps, W]: after it
     reason: np.ndarray  # int8 [steps, W]: policies.base FORCED/NEW/WARMUP/THRESHOLD/REUSED, -1 empty
+    diff_l1: np.ndarray  # float32 [steps, W]: mean |feat - prev_feat| (nan if no previous)
+    prev_l1: np.ndarray  # float32 [steps, W]: mean |prev_feat|
     computed: int  # chunk forwards run
     chunk_forwards_vanilla: int
     wall: dict[str, float]  # compile / denoise seconds
@@ -157,7 +159,8 @@ class Sampler:
         rec = {"decisions": jnp.where(active, compute.astype(jnp.int8), jnp.int8(-1)),
                "chunk": jnp.where(active, chunk, -1), "rel": rel, "update_l1": upd,
                "acc_before": jnp.where(active, acc_before, nan), "acc": jnp.where(active, dec.acc, nan),
-               "reason": jnp.where(active, dec.reason, jnp.int8(-1)).astype(jnp.int8)}
+               "reason": jnp.where(active, dec.reason, jnp.int8(-1)).astype(jnp.int8),
+               "diff_l1": jnp.where(present, info.diff_l1, nan), "prev_l1": jnp.where(present, info.prev_l1, nan)}
         return state, rec
 
     def _reencode(self, params: Any, cond: Any, state: SamplerState, chunks: jax.Array) -> SamplerState:
@@ -195,7 +198,8 @@ class Sampler:
                 nan = jnp.full((w,), jnp.nan, jnp.float32)
                 neg = jnp.full((w,), -1, jnp.int8)
                 return state, {"decisions": neg, "chunk": jnp.full((w,), -1, jnp.int32), "rel": nan,
-                               "update_l1": nan, "acc_before": nan, "acc": nan, "reason": neg}
+                               "update_l1": nan, "acc_before": nan, "acc": nan, "reason": neg, "diff_l1": nan,
+                               "prev_l1": nan}
             return jax.lax.cond(row["step_valid"], lambda s: self._step(params, cond, s, row), skip, state)
 
         rows = {k: tab[k] for k in _STEP_KEYS}
@@ -231,6 +235,11 @@ class Sampler:
         t_compile = self.compile(params, cond, state, table)
         video = np.zeros((self.batch, table.n_chunks, *self.denoiser.chunk_shape), np.float32)
         recs, stage_latents = [], []
+        if record_stages:  # chunks that have not entered yet show their initial noise
+            for st in range(table.num_stages):
+                noise = self.entering_noise(table, st, key, initial_noise)
+                for r in np.flatnonzero(table.enter[st] >= 0):
+                    video[:, table.enter[st][r]] = noise[r]
         if initial_noise is not None:
             initial_noise = np.asarray(initial_noise, np.float32)
             want = (self.batch, table.n_chunks, *self.denoiser.chunk_shape)
@@ -258,6 +267,7 @@ class Sampler:
                for k in recs[0]}
         return RunResult(video=video, decisions=rec["decisions"], chunk=rec["chunk"], rel=rec["rel"],
                          update_l1=rec["update_l1"], acc_before=rec["acc_before"], acc=rec["acc"],
-                         reason=rec["reason"], computed=computed, chunk_forwards_vanilla=table.chunk_forwards,
+                         reason=rec["reason"], diff_l1=rec["diff_l1"], prev_l1=rec["prev_l1"], computed=computed,
+                         chunk_forwards_vanilla=table.chunk_forwards,
                          wall={"compile": t_compile, "denoise": t_denoise}, traces=self.traces,
                          stage_latents=np.stack(stage_latents) if record_stages else None)

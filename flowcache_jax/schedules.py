@@ -28,9 +28,21 @@ def flow_time_grid(num_steps: int, power: float = 2.0, shift: float = 3.0) -> np
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if power <= 0 or shift <= 0:
         raise ValueError(f"power and shift must be > 0, got power={power}, shift={shift}")
-    u = (np.arange(num_steps + 1, dtype=np.float64) / num_steps) ** power
-    t = u / (shift - (shift - 1.0) * u)
-    return t.astype(np.float32)
+    f = np.float32  # fp32 in the reference's operation order: bit-identical to MAGI-1's grid
+    s = np.linspace(0.0, 1.0, num_steps + 1, dtype=f)
+    u = (s * s if power == 2 else np.power(s, f(power))).astype(f)
+    return ((u * f(1.0 / shift)) / (f(1.0) - u * f((shift - 1.0) / shift))).astype(f)
+
+
+def magi_time_grid(num_steps: int, shortcut_mode: str = "8,16,16") -> np.ndarray:
+    """MAGI-1's grid: squared uniform grid with shift 3 (bit-identical in fp32).
+
+    The 12-step shortcut grid of the distilled model is not reproduced yet: it is refused rather than
+    approximated.
+    """
+    if num_steps == 12:
+        raise NotImplementedError("MAGI-1's 12-step shortcut grid is not implemented yet; use e.g. 16 or 64 steps")
+    return flow_time_grid(num_steps, power=2.0, shift=3.0)
 
 
 @dataclasses.dataclass(frozen=True)

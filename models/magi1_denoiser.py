@@ -1,0 +1,197 @@
+"""MAGI-1 seen chunk by chunk: the Denoiser protocol over ``models.magi1.forward_call``.
+
+Each computed chunk is its own forward (the FlowCache reference's per-chunk path): it writes its K/V
+into its rows of a static buffer and attends to the rows of earlier chunks (fresh if they were computed
+this step, stale if reused) plus its own, within its key range. With every chunk computed this equals
+upstream MAGI's joint window forward, because attention is block-causal by chunk. The nearly-clean
+duplicate (spec §5.4 step 4) is a second, self-only forward inside the oldest chunk's compute branch,
+and the clean re-encode (step 2) is ``encode_clean``, called by the sampler at stage starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowcache_jax.denoiser import ChunkOutput, SlotInfo
+from models.magi1 import Magi1Config, empty_buffer, forward_call, patchify
+
+
+@dataclasses.dataclass(frozen=True)
+class Magi1Denoiser:
+    cfg: Magi1Config
+    chunk_frames: int  # latent frames per chunk (chunk_width)
+    latent_h: int
+    latent_w: int
+    n_chunks: int  # sizes the KV buffer: one row block per chunk of the video
+    num_steps: int  # per chunk; sets the distill step-size embedding
+    steps_per_stage: int
+    clean_t: float = 0.9999
+    nearly_clean_k: int | None = None  # first local step whose time is > 0.3 (None: no duplicate)
+    discard_duplicate: bool = True  # FlowCache presets never run the duplicate
+    prev_chunks_scale: float = 0.7
+    noise2clean_kvrange: tuple[int, ...] = ()  # () = full history; official config (5, 4, 3, 2)
+    clean_chunk_kvrange: int = 1
+    distill_intervals: tuple[float, ...] = (1.0,)  # per step inside a stage (only used with 12 steps)
+    key_tile: int = 4096
+
+    @property
+    def chunk_shape(self) -> tuple[int, int, int, int]:
+        return (self.cfg.in_channels, self.chunk_frames, self.latent_h, self.latent_w)
+
+    @property
+    def tokens_per_chunk(self) -> int:
+        p, pt = self.cfg.patch_size, self.cfg.t_patch_size
+        return (self.chunk_frames // pt) * (self.latent_h // p) * (self.latent_w // p)
+
+    def sample_noise(self, key: jax.Array, batch: int) -> jax.Array:
+        return jax.random.normal(key, (batch, *self.chunk_shape), jnp.float32)
+
+    def init_kv(self, batch: int, window: int) -> tuple[jax.Array, jax.Array]:
+        if batch != 1:
+            raise ValueError("the MAGI-1 sampler runs one video at a time (batch=1)")
+        return empty_buffer(self.cfg, self.n_chunks * self.tokens_per_chunk)
+
+    def metric_features(self, params: dict, x: jax.Array, t: jax.Array) -> jax.Array:
+        """The patch embedder's output (bias-free linear), FlowCache's MAGI metric (spec flowcache §1.3)."""
+        tok = patchify(self.cfg, x[0].astype(jnp.float32) * self.cfg.x_rescale_factor)
+        return tok @ params["x_embed"]["kernel"].astype(jnp.float32)
+
+    def _kv_start(self, chunk: jax.Array, k: jax.Array | None) -> jax.Array:
+        """First key row of a chunk's range: 0 (full history) or its stage's window of chunks."""
+        ctn = self.tokens_per_chunk
+        if not self.noise2clean_kvrange:
+            return jnp.int32(0)
+        if k is None:
+            n = jnp.int32(self.clean_chunk_kvrange)
+        else:
+            table = jnp.asarray(self.noise2clean_kvrange, jnp.int32)
+            n = table[jnp.minimum(k // self.steps_per_stage, len(self.noise2clean_kvrange) - 1)]
+        return jnp.maximum(0, chunk + 1 - n) * ctn
+
+    def _call(self, params: dict, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array, kv: Any,
+              slot: jax.Array, lo: jax.Array, write: int, k: jax.Array) -> tuple[jax.Array, Any]:
+        ctn = self.tokens_per_chunk
+        kv_range = jnp.stack([lo, (slot + 1) * ctn])[None]
+        interval = jnp.asarray(self.distill_intervals, jnp.float32)[k % len(self.distill_intervals)]
+        vel, kv, _ = forward_call(self.cfg, params, x[0], t[None], y[None], mask[None], kv_range, kv, slot,
+                                  self.num_steps, write, interval, self.key_tile)
+        return vel[None], kv
+
+    def forward_chunk(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: Any
+                      ) -> tuple[ChunkOutput, Any]:
+        y, mask = cond["y"][info.chunk], cond["mask"][info.chunk]
+        v, kv = self._call(params, x, info.t, y, mask, kv, info.chunk, self._kv_start(info.chunk, info.k), 1, info.k)
+        if self.nearly_clean_k is not None and not self.discard_duplicate:
+            ctn = self.tokens_per_chunk
+            dup = (info.position == 0) & (info.k >= self.nearly_clean_k)
+
+            def duplicate(_):  # same latent, time and caption at the slot after the window, sees only itself
+                vd, _ = self._call(params, x, info.t, y, mask, kv, info.window_end, info.window_end * ctn, 0, info.k)
+                return self.prev_chunks_scale * v + (1 - self.prev_chunks_scale) * vd
+
+            v = jax.lax.cond(dup, duplicate, lambda _: v, None)
+        return ChunkOutput(velocity=v, residual=v), kv
+
+    def velocity_from_residual(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo,
+                               residual: jax.Array) -> jax.Array:
+        return residual  # MAGI has no cheap head: "residual" reuse replays the model output
+
+    def encode_clean(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: Any) -> Any:
+        """Re-encode a finished chunk at ``clean_t`` with the null caption, only to write its K/V."""
+        _, kv = self._call(params, x, jnp.float32(self.clean_t), cond["null_y"][info.chunk],
+                           cond["null_mask"][info.chunk], kv, info.chunk, self._kv_start(info.chunk, None), 1,
+                           jnp.int32(0))
+        return kv
+
+
+def nearly_clean_step(grid: np.ndarray, threshold: float = 0.3) -> int | None:
+    """First local step whose fp32 time exceeds the threshold as a Python float compare (t[48] = 0.30000001)."""
+    above = np.flatnonzero(np.asarray(grid[:-1], np.float32).astype(np.float64) > threshold)
+    return int(above[0]) if len(above) else None
+
+
+def null_captions(params: dict, n_chunks: int, valid: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """The null branch: the learned null caption for every chunk, first ``valid`` rows unmasked (spec §5.8)."""
+    null = np.asarray(params["y_embed"]["null_caption"], np.float32)
+    mask = (np.arange(null.shape[0]) < min(valid, null.shape[0])).astype(np.float32)
+    return np.repeat(null[None], n_chunks, 0), np.repeat(mask[None], n_chunks, 0)
+
+
+def reference_calls(table, den: Magi1Denoiser, reencode: bool, width: int) -> dict[str, np.ndarray]:
+    """The upstream dispatcher's per-call metadata implied by a schedule (for parity checks and reports).
+
+    One call per step: [clean re-encode of the chunk finished at the previous stage end, at step 0] ++ the
+    window's noisy chunks, oldest first; ``width`` pads the per-chunk columns.
+    """
+    ctn = den.tokens_per_chunk
+    steps = table.num_steps
+    out = {"call_window_chunk_ids": np.full((steps, width), -1, np.int64),
+           "call_window_t": np.full((steps, width), np.nan, np.float32),
+           "call_kv_range": np.full((steps, width, 2), -1, np.int32),
+           "call_slice_point": np.zeros(steps, np.int64), "call_denoising_range_num": np.zeros(steps, np.int64),
+           "call_range_num": np.zeros(steps, np.int64), "call_fwd_extra_1st_chunk": np.zeros(steps, bool),
+           "call_nearly_clean": np.zeros(steps, bool), "call_stage": np.zeros(steps, np.int64),
+           "call_step": np.zeros(steps, np.int64)}
+    g = 0
+    for s in range(table.num_stages):
+        clean = table.stage(s)["reencode"]
+        clean = sorted(int(c) for c in clean if c >= 0) if reencode else []
+        for d in range(table.steps_per_stage):
+            if not table.step_valid[s, d]:
+                continue
+            act = table.active[s, d]
+            ids, ks = list(table.chunk[s, d][act]), list(table.k[s, d][act])
+            ts = list(table.t[s, d][act])
+            extra = clean if d == 0 else []
+            ids_all = extra + [int(c) for c in ids]
+            ts_all = [np.float32(den.clean_t)] * len(extra) + ts
+            sp = ids_all[0]
+            for j, c in enumerate(ids_all):
+                end = (sp + j + 1) * ctn
+                k = None if j < len(extra) else ks[j - len(extra)]
+                start = int(den._kv_start(jnp.int32(c), None if k is None else jnp.int32(k)))
+                out["call_kv_range"][g, j] = (start, end)
+            n = len(ids_all)
+            out["call_window_chunk_ids"][g, :n] = ids_all
+            out["call_window_t"][g, :n] = ts_all
+            out["call_slice_point"][g], out["call_denoising_range_num"][g] = sp, n
+            out["call_range_num"][g] = sp + n
+            out["call_fwd_extra_1st_chunk"][g] = bool(extra)
+            out["call_nearly_clean"][g] = den.nearly_clean_k is not None and ks[0] >= den.nearly_clean_k
+            out["call_stage"][g], out["call_step"][g] = s, d
+            g += 1
+    return out
+
+
+def from_upstream_config(cfg: Magi1Config, config: dict, n_chunks: int, latent_h: int, latent_w: int,
+                         discard_duplicate: bool = False, grid: np.ndarray | None = None) -> Magi1Denoiser:
+    """A denoiser from an upstream MagiConfig dict (``runtime_config``/``engine_config`` sections)."""
+    from flowcache_jax.schedules import magi_time_grid
+
+    rt, eng = config.get("runtime_config", {}), config.get("engine_config", {})
+    steps, window = int(rt.get("num_steps", 64)), int(rt.get("window_size", 4))
+    grid = magi_time_grid(steps, eng.get("shortcut_mode", "8,16,16")) if grid is None else grid
+    distill = bool(eng.get("distill", True))
+    return Magi1Denoiser(
+        cfg=cfg, chunk_frames=int(rt.get("chunk_width", 6)), latent_h=latent_h, latent_w=latent_w, n_chunks=n_chunks,
+        num_steps=steps, steps_per_stage=steps // window, clean_t=float(rt.get("clean_t", 0.9999)),
+        nearly_clean_k=nearly_clean_step(grid, float(eng.get("distill_nearly_clean_chunk_threshold", 0.3)))
+        if distill else None,
+        discard_duplicate=discard_duplicate, noise2clean_kvrange=tuple(rt.get("noise2clean_kvrange", ())),
+        clean_chunk_kvrange=int(rt.get("clean_chunk_kvrange", 1)),
+        distill_intervals=tuple(distill_interval_table(steps, eng.get("shortcut_mode", "8,16,16"), window)))
+
+
+def distill_interval_table(num_steps: int, shortcut_mode: str, window: int) -> list[float]:
+    """Per step inside a stage: the shortcut interval ([2,1,1] repeated for "8,16,16"); all ones otherwise."""
+    p = num_steps // window
+    if num_steps % 3:
+        return [1.0] * p
+    modes = [int(m) for m in shortcut_mode.split(",")]
+    base = [max(modes) // m for m in modes]  # "8,16,16" -> [2, 1, 1]
+    return [float(base[i % len(base)]) for i in range(p)]
