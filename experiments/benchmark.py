@@ -32,7 +32,7 @@ def compiles_at_lengths(cfg, lengths: list[int]) -> dict:
         run = common.build(cfg, n_chunks=n)
         run.sampler.run(run.params, run.cond, run.table, run.key, progress=False)
         per_run.append(run.sampler.traces)
-    shared = common.build(cfg, n_chunks=lengths[0])
+    shared = common.build(cfg, n_chunks=max(lengths))  # a model KV buffer must fit the longest video
     for n in lengths:
         table = common.build(cfg, n_chunks=n).table
         shared.sampler.run(shared.params, shared.cond, table, shared.key, progress=False)
@@ -61,15 +61,22 @@ def main(argv: list[str]) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     van, cac = results["vanilla"], results[cfg.name]
     r = runs[cfg.name]
-    per_fwd = flops.chunk_forward_flops(r.denoiser, r.params, r.cond, cfg.batch, r.table.window)
-    n = cfg.schedule.n_chunks
+    n = r.table.n_chunks
+    if cfg.model == "magi1":
+        from models.magi1_flops import run_flops
+
+        fl = {"cached": run_flops(r, cac), "vanilla": run_flops(runs["vanilla"], van)}
+        fl["ideal_speedup"] = fl["vanilla"]["total_pflops"] / fl["cached"]["total_pflops"]
+    else:
+        per_fwd = flops.chunk_forward_flops(r.denoiser, r.params, r.cond, cfg.batch, r.table.window)
+        fl = flops.flops_report(per_fwd, cac.computed, van.computed)
     report = {
         "config_name": cfg.name, "policy": cfg.policy.name, "num_chunks": n, "repeats": _REPEATS.value,
         "denoise_s_median": med, "denoise_s_all": times,
         "speedup_wall": med["vanilla"] / med[cfg.name],
         "speedup_ideal": van.computed / max(cac.computed, 1),
         "chunk_forwards": {"vanilla": van.computed, cfg.name: cac.computed},
-        "flops": flops.flops_report(per_fwd, cac.computed, van.computed),
+        "flops": fl,
         "psnr_vs_vanilla": metrics.psnr(cac.video, van.video), "ssim_vs_vanilla": metrics.ssim(cac.video, van.video),
         "compiles": compiles_at_lengths(cfg, [n, 2 * n]),
     }

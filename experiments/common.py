@@ -65,28 +65,34 @@ def run_app(main: Callable[[list[str]], Any], default: str = DEFAULT_CONFIG) -> 
     app.run(wrapped)
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Reject bad values with a message that says what to change."""
+def validate_policy(cfg: ml_collections.ConfigDict, steps_per_chunk: int) -> None:
+    """Reject bad policy values with a message that says what to change."""
     from flowcache_jax.policies import POLICIES
     from flowcache_jax.sampler import METRIC_DTYPES, REUSE_MODES
 
-    s, p = cfg.schedule, cfg.policy
-    if cfg.model != "synthetic":
-        raise ConfigError(f"model {cfg.model!r} is not available yet; use model=synthetic")
+    p = cfg.policy
     if p.name not in POLICIES:
         raise ConfigError(f"unknown policy {p.name!r}; set --config.policy.name to one of {', '.join(POLICIES)}")
     if p.threshold < 0:
         raise ConfigError(f"policy.threshold must be >= 0, got {p.threshold}")
-    if not 0 <= p.warmup <= s.steps_per_chunk:
-        raise ConfigError(f"policy.warmup={p.warmup} must be in [0, schedule.steps_per_chunk={s.steps_per_chunk}]")
+    if not 0 <= p.warmup <= steps_per_chunk:
+        raise ConfigError(f"policy.warmup={p.warmup} must be in [0, steps per chunk={steps_per_chunk}]")
     if p.reuse not in REUSE_MODES:
         raise ConfigError(f"policy.reuse must be one of {REUSE_MODES}, got {p.reuse!r}")
     if p.metric_dtype not in METRIC_DTYPES:
         raise ConfigError(f"policy.metric_dtype must be one of {tuple(METRIC_DTYPES)}, got {p.metric_dtype!r}")
+    if cfg.batch < 1:
+        raise ConfigError(f"batch must be >= 1, got {cfg.batch}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Validate a synthetic config."""
+    s = cfg.schedule
+    validate_policy(cfg, s.steps_per_chunk)
     if s.kind not in ("magi", "df"):
         raise ConfigError(f"schedule.kind must be 'magi' or 'df', got {s.kind!r}")
-    if s.n_chunks < 1 or s.window < 1 or s.steps_per_chunk < 1 or cfg.batch < 1:
-        raise ConfigError("schedule.n_chunks, schedule.window, schedule.steps_per_chunk and batch must be >= 1")
+    if s.n_chunks < 1 or s.window < 1 or s.steps_per_chunk < 1:
+        raise ConfigError("schedule.n_chunks, schedule.window and schedule.steps_per_chunk must be >= 1")
     if s.kind == "magi" and s.steps_per_chunk % s.window:
         raise ConfigError(f"schedule.steps_per_chunk={s.steps_per_chunk} must be a multiple of "
                           f"schedule.window={s.window}")
@@ -106,6 +112,7 @@ class Run:
     cond: Any
     table: Any
     sampler: Any
+    notes: dict = dataclasses.field(default_factory=dict)  # what the run used (e.g. which caption)
 
     @property
     def key(self):
@@ -113,9 +120,22 @@ class Run:
 
         return jax.random.PRNGKey(self.cfg.seed)
 
+    def frames(self, video):
+        """[B, n_chunks, ...] latents -> [n_chunks, frames, H, W, C] of the first video, for previews."""
+        import numpy as np
+
+        v = np.asarray(video[0])
+        return v if self.cfg.model == "synthetic" else v.transpose(0, 2, 3, 4, 1)
+
 
 def build(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
     """Validate, then make the denoiser, params, schedule table and sampler of a config."""
+    if cfg.model == "magi1":
+        from experiments.magi_run import build_magi1
+
+        return build_magi1(cfg, n_chunks)
+    if cfg.model != "synthetic":
+        raise ConfigError(f"unknown model {cfg.model!r}; use synthetic or magi1")
     from flowcache_jax.policies import make_policy
     from flowcache_jax.sampler import Sampler
     from flowcache_jax.schedules import df_schedule, flow_time_grid, magi_schedule

@@ -23,8 +23,8 @@ _COMPARE = flags.DEFINE_bool("compare_to_vanilla", True, "Also run the uncached 
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
-def preview_png(video, path) -> None:
-    """A strip of frames (first three latent channels as RGB), one row per chunk, first video."""
+def preview_png(frames, path) -> None:
+    """A strip of frames (first three latent channels as RGB), one row per chunk; frames [n, F, H, W, C]."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +33,7 @@ def preview_png(video, path) -> None:
 
     from flowcache_jax.io import save_figure
 
-    v = np.asarray(video[0])  # [n_chunks, F, H, W, C]
+    v = np.asarray(frames)
     rgb = v[..., :3] if v.shape[-1] >= 3 else np.repeat(v[..., :1], 3, -1)
     lo, hi = np.percentile(rgb, 1), np.percentile(rgb, 99)
     rgb = np.clip((rgb - lo) / max(hi - lo, 1e-9), 0, 1)
@@ -59,15 +59,22 @@ def main(argv: list[str]) -> None:
     with timer("load"):
         run = common.build(cfg)
     res = run.sampler.run(run.params, run.cond, run.table, run.key, progress=_PROGRESS.value)
-    per_fwd = flops.chunk_forward_flops(run.denoiser, run.params, run.cond, cfg.batch, run.table.window)
+    if cfg.model == "magi1":
+        from models.magi1_flops import run_flops
+
+        run_fl = run_flops(run, res)
+        run_fl["vanilla_pflops"] = run_flops(run)["total_pflops"]
+    else:
+        per_fwd = flops.chunk_forward_flops(run.denoiser, run.params, run.cond, cfg.batch, run.table.window)
+        run_fl = flops.flops_report(per_fwd, res.computed, res.chunk_forwards_vanilla,
+                                    run.denoiser.forward_flops(cfg.batch))
     results = {
         "config_name": cfg.name, "policy": cfg.policy.name, "threshold": cfg.policy.threshold,
         "num_chunks": run.table.n_chunks, "num_steps": run.table.num_steps,
         "chunk_forwards_vanilla": res.chunk_forwards_vanilla, "chunk_forwards_computed": res.computed,
         "computed_fraction": res.computed_fraction, "speedup_ideal": 1.0 / max(res.computed_fraction, 1e-12),
         "wall_s": {"load": timer.seconds["load"], **res.wall}, "compiles": res.traces,
-        "flops": flops.flops_report(per_fwd, res.computed, res.chunk_forwards_vanilla,
-                                    run.denoiser.forward_flops(cfg.batch)),
+        "flops": run_fl, "notes": run.notes,
         "decisions": res.decisions, "decision_chunks": res.chunk, "config": cfg.to_dict(),
     }
     if _COMPARE.value and cfg.policy.name != "vanilla":
@@ -77,12 +84,14 @@ def main(argv: list[str]) -> None:
                                  "rel_l1": metrics.rel_l1(res.video, ref.video)}
     io.write_json(out / "results.json", results)
     io.write_npz(out / "latents.npz", latents=res.video, decisions=res.decisions)
-    preview_png(res.video, out / "preview.png")
+    preview_png(run.frames(res.video), out / "preview.png")
     row = {k: results[k] for k in ("config_name", "policy", "num_chunks", "chunk_forwards_vanilla",
                                     "chunk_forwards_computed", "computed_fraction", "speedup_ideal")}
     row.update({f"{k}_s": v for k, v in results["wall_s"].items()})
     row.update(results.get("vs_vanilla", {}))
     print(common.format_table([row], list(row)))
+    for k, v in run.notes.items():
+        print(f"{k}: {v}")
     print(f"wrote {out / 'results.json'}, {out / 'latents.npz'}, {out / 'preview.png'}")
 
 

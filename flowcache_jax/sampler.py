@@ -231,6 +231,9 @@ class Sampler:
     def run(self, params: Any, cond: Any, table: ScheduleTable, key: jax.Array, progress: bool = True,
             initial_noise: np.ndarray | None = None, record_stages: bool = False) -> RunResult:
         """Generate a video. ``initial_noise`` [B, n_chunks, *chunk_shape] replaces the seeded noise."""
+        limit = getattr(self.denoiser, "n_chunks", None)
+        if limit is not None and table.n_chunks > limit:
+            raise ValueError(f"the schedule has {table.n_chunks} chunks but the denoiser's KV buffer holds {limit}")
         state = self.init_state(params, cond, key)
         t_compile = self.compile(params, cond, state, table)
         video = np.zeros((self.batch, table.n_chunks, *self.denoiser.chunk_shape), np.float32)

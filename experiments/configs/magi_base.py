@@ -1,0 +1,25 @@
+"""Shared base of the MAGI-1 presets (the FlowCache t2v run: 720x720, 240 frames, 64 steps, window 4)."""
+
+import ml_collections
+
+
+def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "reference"
+             ) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = name
+    c.model = "magi1"
+    c.checkpoint = ""  # the converter's output folder (python -m converters.convert --model=magi1 ...)
+    c.caption_file = ""  # .safetensors/.npz with "y" [L, C] or [n_chunks, L, C] (+ "mask"); empty: null caption
+    c.seed = 1234
+    c.batch = 1
+    c.video = ml_collections.ConfigDict(dict(num_chunks=10, latent_height=90, latent_width=90, chunk_width=6))
+    c.sampler = ml_collections.ConfigDict(dict(
+        num_steps=64, window=4, clean_t=0.9999,
+        # "reference": the FlowCache fork (no clean re-encode of finished chunks, nearly-clean duplicate dropped);
+        # "magi": upstream MAGI-1 (clean re-encode, duplicate run and blended 0.7/0.3); threshold 0 = vanilla.
+        semantics=semantics,
+        kv_range="full",  # "full" history (FlowCache config) or "official" per-stage ranges [5, 4, 3, 2]
+        key_tile=4096))
+    c.policy = ml_collections.ConfigDict(dict(
+        name=policy, threshold=threshold, warmup=5, coeffs=(), reuse="displacement", metric_dtype="float32"))
+    return c

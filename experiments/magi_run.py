@@ -1,0 +1,116 @@
+"""Build a MAGI-1 run from a config: converted checkpoint, captions, schedule, denoiser, sampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments.common import ConfigError, Run, validate_policy
+
+CONVERT_HINT = ("convert the released weights first: python -m converters.convert --model=magi1 "
+                "--src=<ckpt>/magi/4.5B_distill/inference_weight.distill --dst=<DIR>, then pass "
+                "--config.checkpoint=<DIR>")
+
+
+def validate_magi(cfg: ml_collections.ConfigDict) -> None:
+    s, v = cfg.sampler, cfg.video
+    validate_policy(cfg, s.num_steps)
+    if cfg.batch != 1:
+        raise ConfigError("MAGI-1 runs one video at a time: set batch=1")
+    if s.num_steps < 1 or s.window < 1 or s.num_steps % s.window:
+        raise ConfigError(f"sampler.num_steps={s.num_steps} must be a positive multiple of sampler.window={s.window}")
+    if s.semantics not in ("reference", "magi"):
+        raise ConfigError(f"sampler.semantics must be 'reference' or 'magi', got {s.semantics!r}")
+    if s.kv_range not in ("full", "official"):
+        raise ConfigError(f"sampler.kv_range must be 'full' or 'official', got {s.kv_range!r}")
+    if v.num_chunks < 1 or v.latent_height < 1 or v.latent_width < 1 or v.chunk_width < 1:
+        raise ConfigError("video.num_chunks, latent_height, latent_width and chunk_width must be >= 1")
+
+
+def load_checkpoint(path: str):
+    from flowcache_jax import checkpoint
+    from models.magi1 import Magi1Config
+
+    if not path:
+        raise ConfigError(f"config.checkpoint is empty: {CONVERT_HINT}")
+    try:
+        params, meta = checkpoint.load(path)
+    except checkpoint.CheckpointNotFound as e:
+        raise ConfigError(f"{e}: {CONVERT_HINT}") from e
+    if meta.get("model") != "magi1":
+        raise ConfigError(f"{path} holds a {meta.get('model')!r} checkpoint, not magi1: {CONVERT_HINT}")
+    layers_bf16 = str(np.asarray(params["layers"]["q"]["kernel"]).dtype) == "bfloat16"
+    cfg = Magi1Config.from_upstream(meta["model_config"], "bfloat16" if layers_bf16 else "float32")
+    return cfg, jax.tree.map(jnp.asarray, params)
+
+
+def load_captions(path: str, mcfg, n_chunks: int, params: dict) -> tuple[dict, str]:
+    """Per-chunk prompt captions from a file (no text encoder yet), or the null caption."""
+    from models.magi1_denoiser import null_captions
+
+    null_y, null_m = null_captions(params, n_chunks)
+    if not path:
+        return {"y": null_y, "mask": null_m, "null_y": null_y, "null_mask": null_m}, \
+            "null caption (set --config.caption_file for a prompt embedding)"
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"caption_file {p} does not exist")
+    if p.suffix == ".npz":
+        with np.load(p, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    elif p.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        arrays = load_file(p)
+    else:
+        raise ConfigError(f"caption_file must be .npz or .safetensors, got {p.name}")
+    if "y" not in arrays:
+        raise ConfigError(f"caption_file {p} has no array 'y' (the T5 output, [L, {mcfg.caption_channels}])")
+    y = np.asarray(arrays["y"], np.float32)
+    y = np.repeat(y[None], n_chunks, 0) if y.ndim == 2 else y
+    if y.ndim != 3 or y.shape[0] != n_chunks or y.shape[2] != mcfg.caption_channels:
+        raise ConfigError(f"caption 'y' must be [L, {mcfg.caption_channels}] or [{n_chunks}, L, "
+                          f"{mcfg.caption_channels}], got {tuple(arrays['y'].shape)}")
+    mask = np.asarray(arrays.get("mask", np.ones(y.shape[:2])), np.float32)
+    mask = np.broadcast_to(mask, y.shape[:2]).copy()
+    return {"y": y, "mask": mask, "null_y": null_y, "null_mask": null_m}, f"caption from {p}"
+
+
+def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
+    from flowcache_jax.policies import make_policy
+    from flowcache_jax.sampler import Sampler
+    from flowcache_jax.schedules import magi_schedule, magi_time_grid
+    from models.magi1_denoiser import Magi1Denoiser, distill_interval_table, nearly_clean_step
+
+    validate_magi(cfg)
+    s, v = cfg.sampler, cfg.video
+    n = v.num_chunks if n_chunks is None else n_chunks
+    mcfg, params = load_checkpoint(cfg.checkpoint)
+    if v.latent_height % mcfg.patch_size or v.latent_width % mcfg.patch_size or v.chunk_width % mcfg.t_patch_size:
+        raise ConfigError(f"video latent size {v.latent_height}x{v.latent_width} must be a multiple of the patch "
+                          f"size {mcfg.patch_size} (chunk_width of {mcfg.t_patch_size})")
+    try:
+        grid = magi_time_grid(s.num_steps)
+    except NotImplementedError as e:
+        raise ConfigError(str(e)) from e
+    magi = s.semantics == "magi"
+    den = Magi1Denoiser(
+        cfg=mcfg, chunk_frames=v.chunk_width, latent_h=v.latent_height, latent_w=v.latent_width, n_chunks=n,
+        num_steps=s.num_steps, steps_per_stage=s.num_steps // s.window, clean_t=s.clean_t,
+        nearly_clean_k=nearly_clean_step(grid), discard_duplicate=not magi,
+        noise2clean_kvrange=(5, 4, 3, 2) if s.kv_range == "official" else (),
+        distill_intervals=tuple(distill_interval_table(s.num_steps, "8,16,16", s.window)), key_tile=s.key_tile)
+    cond, caption = load_captions(cfg.caption_file, mcfg, n, params)
+    cond = jax.tree.map(jnp.asarray, cond)
+    try:
+        table = magi_schedule(n, s.window, s.num_steps, grid)
+        sampler = Sampler(den, make_policy(cfg.policy), table.window, 1, cfg.policy.reuse, cfg.policy.metric_dtype,
+                          reencode_clean=magi)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return Run(cfg=cfg, denoiser=den, params=params, cond=cond, table=table, sampler=sampler,
+               notes={"caption": caption, "semantics": s.semantics, "dtype": mcfg.dtype})
