@@ -76,19 +76,24 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
     qg = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype).reshape(s, g, hq // g, d)
 
     def tile(carry, start):
-        m, l_sum, acc = carry
         kt = jax.lax.dynamic_slice_in_dim(k, start, key_tile)
         vt = jax.lax.dynamic_slice_in_dim(v, start, key_tile)
         ok = _in_ranges(start + jnp.arange(key_tile), ranges)  # [S, T]
-        sc = jnp.where(ok, _scores(qg, kt), -jnp.inf)
-        m_new = jnp.maximum(m, sc.max(-1))
-        safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(sc - safe[..., None])
-        corr = jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf))
-        l_sum = l_sum * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("grsl,lgd->grsd", p.astype(v.dtype), vt,
-                                                 preferred_element_type=jnp.float32)
-        return (m_new, l_sum, acc), None
+
+        def attend(carry):
+            m, l_sum, acc = carry
+            sc = jnp.where(ok, _scores(qg, kt), -jnp.inf)
+            m_new = jnp.maximum(m, sc.max(-1))
+            safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(sc - safe[..., None])
+            corr = jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf))
+            l_sum = l_sum * corr + p.sum(-1)
+            acc = acc * corr[..., None] + jnp.einsum("grsl,lgd->grsd", p.astype(v.dtype), vt,
+                                                     preferred_element_type=jnp.float32)
+            return m_new, l_sum, acc
+
+        # A tile no query may see is skipped for real (a scalar-predicated cond, not a select).
+        return jax.lax.cond(jnp.any(ok), attend, lambda c: c, carry), None
 
     if length <= key_tile:  # one tile: plain masked softmax
         ok = _in_ranges(jnp.arange(length), ranges)

@@ -140,3 +140,35 @@ def test_case_b2_traced_slice_point_and_stale_rows(model, case_b):
     vel, buf = fn(p, (k, v), jnp.int32(sp))
     close(vel, b["B2_fwd0_out"][0], **TIGHT)
     close(joined(buf)[:, : b["B2_fwd0_kv_cache_after"].shape[1]], b["B2_fwd0_kv_cache_after"], **TIGHT)
+
+
+def test_nnx_module_matches_the_function(model, case_a):
+    """The NNX module holds the same parameters as nnx.Param leaves and computes the same velocity."""
+    from flax import nnx
+
+    from models.magi1 import Magi1DiT
+
+    cfg, params = model
+    a = case_a
+    p = jax.tree.map(jnp.asarray, dict(params, t_freqs=a["timestep_freqs_f32"]))
+    dit = Magi1DiT(cfg, p)
+    assert len(jax.tree.leaves(nnx.state(dit, nnx.Param))) == len(jax.tree.leaves(p))
+    vel, _, _ = dit(a["fwd0_x"][0], a["fwd0_t"][0], a["fwd0_y"][:, 0], a["fwd0_xattn_mask"][:, 0], a["fwd0_kv_range"],
+                    empty_buffer(cfg, 1), int(a["fwd0_kw_slice_point"]), int(a["fwd0_kw_num_steps"]), 0,
+                    a["fwd0_kw_distill_interval"])
+    close(vel, a["fwd0_out"][0], **TIGHT)
+
+
+def test_tiled_attention_skips_masked_tiles_exactly():
+    """Online-softmax tiles (with fully masked tiles skipped) equal one dense masked softmax."""
+    from models.layers import range_attention
+
+    key = jax.random.PRNGKey(0)
+    q = jax.random.normal(key, (40, 4, 8))
+    k = jax.random.normal(jax.random.fold_in(key, 1), (300, 2, 8))
+    v = jax.random.normal(jax.random.fold_in(key, 2), (300, 2, 8))
+    lo = jnp.repeat(jnp.asarray([0, 100, 250, 10]), 10)
+    ranges = jnp.stack([jnp.stack([lo, lo + 30], -1), jnp.stack([lo * 0 + 290, lo * 0 + 300], -1)], 1)
+    dense = range_attention(q, k, v, ranges, key_tile=512)
+    tiled = range_attention(q, k, v, ranges, key_tile=16)
+    np.testing.assert_allclose(tiled, dense, rtol=1e-5, atol=1e-6)
