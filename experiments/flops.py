@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
     mc = MAGI1_4P5B_DISTILL if _MODEL_CONFIG.value is None else json.loads(Path(_MODEL_CONFIG.value).read_text())
     mcfg = Magi1Config.from_upstream(mc.get("model_config", mc))
     s, v = cfg.sampler, cfg.video
-    grid = magi_time_grid(s.num_steps)
+    grid = magi_time_grid(s.num_steps, s.shortcut_mode)
     magi = s.semantics == "magi"
     den = Magi1Denoiser(mcfg, v.chunk_width, v.latent_height, v.latent_width, v.num_chunks, s.num_steps,
                         s.num_steps // s.window, nearly_clean_k=nearly_clean_step(grid), discard_duplicate=not magi,

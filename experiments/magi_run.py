@@ -25,6 +25,10 @@ def validate_magi(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"sampler.num_steps={s.num_steps} must be a positive multiple of sampler.window={s.window}")
     if s.semantics not in ("reference", "magi"):
         raise ConfigError(f"sampler.semantics must be 'reference' or 'magi', got {s.semantics!r}")
+    if s.shortcut_mode not in ("8,16,16", "16,16,8"):
+        raise ConfigError(f"sampler.shortcut_mode must be '8,16,16' or '16,16,8', got {s.shortcut_mode!r}")
+    if s.num_steps == 12 and s.window != 4:
+        raise ConfigError("the 12-step shortcut grid has 4 stages: use sampler.window=4")
     if s.kv_range not in ("full", "official"):
         raise ConfigError(f"sampler.kv_range must be 'full' or 'official', got {s.kv_range!r}")
     if v.num_chunks < 1 or v.latent_height < 1 or v.latent_width < 1 or v.chunk_width < 1:
@@ -93,17 +97,14 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
     if v.latent_height % mcfg.patch_size or v.latent_width % mcfg.patch_size or v.chunk_width % mcfg.t_patch_size:
         raise ConfigError(f"video latent size {v.latent_height}x{v.latent_width} must be a multiple of the patch "
                           f"size {mcfg.patch_size} (chunk_width of {mcfg.t_patch_size})")
-    try:
-        grid = magi_time_grid(s.num_steps)
-    except NotImplementedError as e:
-        raise ConfigError(str(e)) from e
+    grid = magi_time_grid(s.num_steps, s.shortcut_mode)
     magi = s.semantics == "magi"
     den = Magi1Denoiser(
         cfg=mcfg, chunk_frames=v.chunk_width, latent_h=v.latent_height, latent_w=v.latent_width, n_chunks=n,
         num_steps=s.num_steps, steps_per_stage=s.num_steps // s.window, clean_t=s.clean_t,
         nearly_clean_k=nearly_clean_step(grid), discard_duplicate=not magi,
         noise2clean_kvrange=(5, 4, 3, 2) if s.kv_range == "official" else (),
-        distill_intervals=tuple(distill_interval_table(s.num_steps, "8,16,16", s.window)), key_tile=s.key_tile)
+        distill_intervals=tuple(distill_interval_table(s.num_steps, s.shortcut_mode, s.window)), key_tile=s.key_tile)
     cond, caption = load_captions(cfg.caption_file, mcfg, n, params)
     cond = jax.tree.map(jnp.asarray, cond)
     try:

@@ -18,31 +18,47 @@ import math
 import numpy as np
 
 
+def _linspace01_f32(n: int) -> np.ndarray:
+    """torch.linspace(0, 1, n + 1) in float32: each point rounded once, the upper half counted from 1."""
+    step = np.float32(1.0 / n)
+    i = np.arange(n + 1, dtype=np.float64)
+    lo = i * np.float64(step)
+    hi = 1.0 - np.float64(step) * (n - i)
+    return np.where(i < (n + 1) // 2, lo, hi).astype(np.float32)
+
+
+def _shift_map(u: np.ndarray, power: float, shift: float) -> np.ndarray:
+    """u -> u^power, then the SD3/Wan shift, in float32 in the reference's operation order."""
+    f = np.float32
+    u = (u * u if power == 2 else np.power(u, f(power))).astype(f)
+    return ((u * f(1.0 / shift)) / (f(1.0) - u * f((shift - 1.0) / shift))).astype(f)
+
+
 def flow_time_grid(num_steps: int, power: float = 2.0, shift: float = 3.0) -> np.ndarray:
     """``num_steps + 1`` times from 0 (noise) to 1 (clean): u = (k/N)^power, then the SD3/Wan shift.
 
     With t = 1 - sigma, Wan's ``sigma' = s*sigma / (1 + (s-1)*sigma)`` and MAGI's
-    ``t' = u / (s - (s-1)*u)`` are the same map, so one ``shift`` serves both. MAGI-1: power 2, shift 3.
+    ``t' = u / (s - (s-1)*u)`` are the same map, so one ``shift`` serves both. MAGI-1: power 2, shift 3
+    (bit-identical to the reference's fp32 grid, whose last point is 1.0000001).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if power <= 0 or shift <= 0:
         raise ValueError(f"power and shift must be > 0, got power={power}, shift={shift}")
-    f = np.float32  # fp32 in the reference's operation order: bit-identical to MAGI-1's grid
-    s = np.linspace(0.0, 1.0, num_steps + 1, dtype=f)
-    u = (s * s if power == 2 else np.power(s, f(power))).astype(f)
-    return ((u * f(1.0 / shift)) / (f(1.0) - u * f((shift - 1.0) / shift))).astype(f)
+    return _shift_map(_linspace01_f32(num_steps), power, shift)
 
 
 def magi_time_grid(num_steps: int, shortcut_mode: str = "8,16,16") -> np.ndarray:
-    """MAGI-1's grid: squared uniform grid with shift 3 (bit-identical in fp32).
+    """MAGI-1's grid: squared uniform grid with shift 3; 12 steps use the distilled shortcut grid.
 
-    The 12-step shortcut grid of the distilled model is not reproduced yet: it is refused rather than
-    approximated.
+    The shortcut grid splits each quarter of u into steps of 1/8, 1/16, 1/16 ("8,16,16") or 1/16, 1/16, 1/8
+    ("16,16,8"), then applies the same square and shift.
     """
-    if num_steps == 12:
-        raise NotImplementedError("MAGI-1's 12-step shortcut grid is not implemented yet; use e.g. 16 or 64 steps")
-    return flow_time_grid(num_steps, power=2.0, shift=3.0)
+    if num_steps != 12:
+        return flow_time_grid(num_steps, power=2.0, shift=3.0)
+    offsets = [0.0, 1 / 16, 2 / 16] if shortcut_mode == "16,16,8" else [0.0, 2 / 16, 3 / 16]
+    u = np.array([a + o for a in (0.0, 0.25, 0.5, 0.75, 1.0) for o in offsets][:13], np.float32)
+    return _shift_map(u, 2.0, 3.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,13 +19,13 @@ def ckpt(tmp_path_factory):
     return dst
 
 
-@pytest.mark.parametrize("name,cached", [("magi_fast", True), ("magi_vanilla", False)])
-def test_run_on_converted_weights(ckpt, tmp_path, name, cached):
-    p = cli("run.py", f"--config={name}", f"--config.checkpoint={ckpt}", *SMALL, f"--output_dir={tmp_path}",
-            "--nocompare_to_vanilla")
+@pytest.mark.parametrize("name,cached,steps", [("magi_fast", True, 16), ("magi_vanilla", False, 12)])
+def test_run_on_converted_weights(ckpt, tmp_path, name, cached, steps):
+    p = cli("run.py", f"--config={name}", f"--config.checkpoint={ckpt}", *SMALL, f"--config.sampler.num_steps={steps}",
+            f"--output_dir={tmp_path}", "--nocompare_to_vanilla")
     assert p.returncode == 0, p.stderr
     r = json.loads((tmp_path / "results.json").read_text())
-    assert r["num_chunks"] == 3 and r["chunk_forwards_vanilla"] == 3 * 16
+    assert r["num_chunks"] == 3 and r["chunk_forwards_vanilla"] == 3 * steps
     assert (r["computed_fraction"] < 1) if cached else (r["computed_fraction"] == 1)
     assert r["notes"]["caption"].startswith("null caption")
     passes = r["flops"]["chunk_passes"]
@@ -59,3 +59,18 @@ def test_benchmark_on_converted_weights(ckpt, tmp_path):
     assert p.returncode == 0, p.stderr
     b = json.loads((tmp_path / "benchmark.json").read_text())
     assert b["speedup_ideal"] > 1 and b["compiles"]["per_run"] == [1, 1]
+
+
+def test_caption_file_is_used_and_checked(ckpt, tmp_path):
+    import numpy as np
+
+    cap = tmp_path / "caption.npz"
+    np.savez(cap, y=np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32))
+    p = cli("run.py", "--config=magi_vanilla", f"--config.checkpoint={ckpt}", f"--config.caption_file={cap}", *SMALL,
+            f"--output_dir={tmp_path / 'a'}", "--nocompare_to_vanilla")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["notes"]["caption"] == f"caption from {cap}"
+    np.savez(cap, y=np.zeros((5, 63), np.float32))
+    p = cli("run.py", "--config=magi_vanilla", f"--config.checkpoint={ckpt}", f"--config.caption_file={cap}", *SMALL,
+            f"--output_dir={tmp_path / 'b'}")
+    assert p.returncode == 2 and "caption 'y' must be" in p.stderr and "Traceback" not in p.stderr

@@ -159,3 +159,15 @@ def test_teacache_intended_algorithm(prefix):
             np.testing.assert_allclose(to_ncthw(res.stage_latents[s]), ref, **LATENT_TOL, err_msg=f"stage {s}")
             checked += 1
     assert checked >= 1
+
+
+def test_official_key_ranges():
+    """Official config: a chunk sees itself plus 4/3/2/1 earlier chunks in its 1st..4th stage; clean ones itself."""
+    _, den, table, _, _ = setup()
+    off = dataclasses.replace(den, noise2clean_kvrange=(5, 4, 3, 2), clean_chunk_kvrange=1)
+    ctn, p = den.tokens_per_chunk, den.steps_per_stage
+    for c in range(6):
+        for stage, n in enumerate((5, 4, 3, 2)):
+            assert int(off._kv_start(jnp.int32(c), jnp.int32(stage * p + 1))) == max(0, c + 1 - n) * ctn
+        assert int(off._kv_start(jnp.int32(c), None)) == c * ctn
+    assert int(den._kv_start(jnp.int32(5), jnp.int32(0))) == 0  # full history

@@ -135,3 +135,24 @@ def test_schedule_errors():
         magi_schedule(4, 4, 32, grid=np.zeros(10))
     with pytest.raises(ValueError, match="invalid DF"):
         df_step_matrix(3, 10, -1)
+
+
+def test_magi_shortcut_grid():
+    """12 steps: the 16-step grid without indices 1, 5, 9, 13 ("8,16,16"), or 3, 7, 11, 15 ("16,16,8")."""
+    from flowcache_jax.schedules import magi_time_grid
+
+    g16 = magi_time_grid(16)
+    np.testing.assert_array_equal(magi_time_grid(12), np.delete(g16, [1, 5, 9, 13]))
+    np.testing.assert_array_equal(magi_time_grid(12, "16,16,8"), np.delete(g16, [3, 7, 11, 15]))
+    tab = magi_schedule(3, 4, 12, magi_time_grid(12))
+    check_table(tab)
+    assert float(tab.grid[9]) > 0.3  # the last stage is nearly clean, as in the fp32 reference
+
+
+def test_linspace_rounding_matches_reference():
+    """Points of the upper half are counted down from 1 (torch's linspace), 1 ulp off k/N for some N."""
+    from flowcache_jax.schedules import _linspace01_f32
+
+    for n in (16, 24, 48, 64):
+        u = _linspace01_f32(n)
+        assert u[0] == 0 and u[-1] == 1 and np.abs(u - np.arange(n + 1) / n).max() < 1e-7

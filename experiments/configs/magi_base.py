@@ -14,7 +14,7 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
     c.batch = 1
     c.video = ml_collections.ConfigDict(dict(num_chunks=10, latent_height=90, latent_width=90, chunk_width=6))
     c.sampler = ml_collections.ConfigDict(dict(
-        num_steps=64, window=4, clean_t=0.9999,
+        num_steps=64, window=4, clean_t=0.9999, shortcut_mode="8,16,16",  # the 12-step grid's split
         # "reference": the FlowCache fork (no clean re-encode of finished chunks, nearly-clean duplicate dropped);
         # "magi": upstream MAGI-1 (clean re-encode, duplicate run and blended 0.7/0.3); threshold 0 = vanilla.
         semantics=semantics,
