@@ -226,6 +226,7 @@ class Sampler:
         t0 = time.perf_counter()
         noise = jax.ShapeDtypeStruct((self.window, self.batch, *self.denoiser.chunk_shape), jnp.float32)
         self._compiled = jax.jit(self._stage).lower(params, cond, state, table.stage(0), noise).compile()
+        jax.block_until_ready(self._noise(jax.random.PRNGKey(0)))  # compile the noise sampler here too
         return time.perf_counter() - t0
 
     def run(self, params: Any, cond: Any, table: ScheduleTable, key: jax.Array, progress: bool = True,
