@@ -1,0 +1,1 @@
+"""KV cache: importance-redundancy compression (``compress``); the fixed-shape buffer comes next."""
