@@ -12,11 +12,12 @@ files are only read with ``--allow_pickle_weights_only`` (``torch.load(weights_o
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 
 from absl import app, flags, logging
+
+from converters.model_config import read_model_config
 
 _MODEL = flags.DEFINE_enum("model", "magi1", ["magi1"], "Which model family the checkpoint holds.")
 _SRC = flags.DEFINE_string("src", None, "Upstream .safetensors file or folder with an index json.")
@@ -32,21 +33,6 @@ _PICKLE = flags.DEFINE_bool("allow_pickle_weights_only", False,
 def fail(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
-
-
-def read_model_config(path: str | None) -> dict:
-    from models.magi1 import MAGI1_4P5B_DISTILL
-
-    if path is None:
-        return dict(MAGI1_4P5B_DISTILL)
-    p = Path(path)
-    if not p.is_file():
-        fail(f"--model_config {p} does not exist")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        fail(f"--model_config {p} is not valid JSON ({e})")
-    return d.get("model_config", d)
 
 
 def digests(src: Path) -> dict[str, str]:
@@ -93,15 +79,21 @@ def convert_to_dir(model: str, src: str | Path, dst: str | Path, model_config: d
 
 def main(argv: list[str]) -> None:
     del argv
+    from safetensors import SafetensorError
+
     from converters.safetensors_io import CheckpointError
 
     if not _SRC.value or not _DST.value:
         fail("--src and --dst are required")
+    if Path(_DST.value).exists() and not Path(_DST.value).is_dir():
+        fail(f"--dst {_DST.value} is a file; give a folder")
     try:
         out = convert_to_dir(_MODEL.value, _SRC.value, _DST.value, read_model_config(_CONFIG.value), _DTYPE.value,
                              _OVERWRITE.value, _PICKLE.value)
     except (CheckpointError, ValueError, FileExistsError) as e:
         fail(str(e))
+    except (SafetensorError, OSError) as e:
+        fail(f"cannot read {_SRC.value} as safetensors: {e}")
     print(f"wrote {out} ({_MODEL.value}, dtype {_DTYPE.value})")
 
 

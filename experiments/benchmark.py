@@ -77,7 +77,8 @@ def main(argv: list[str]) -> None:
         "speedup_ideal": van.computed / max(cac.computed, 1),
         "chunk_forwards": {"vanilla": van.computed, cfg.name: cac.computed},
         "flops": fl,
-        "psnr_vs_vanilla": metrics.psnr(cac.video, van.video), "ssim_vs_vanilla": metrics.ssim(cac.video, van.video),
+        "psnr_vs_vanilla": metrics.psnr(r.images(cac.video), r.images(van.video)),
+        "ssim_vs_vanilla": metrics.ssim(r.images(cac.video), r.images(van.video)),
         "compiles": compiles_at_lengths(cfg, [n, 2 * n]),
     }
     report["wall_over_ideal"] = report["speedup_wall"] / report["speedup_ideal"]

@@ -19,7 +19,8 @@ class ConfigError(ValueError):
 
 
 def config_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_") and p.stem != "synthetic_base")
+    names = (p.stem for p in CONFIG_DIR.glob("*.py"))
+    return sorted(n for n in names if not n.startswith("_") and not n.endswith("_base"))
 
 
 def resolve_config_argv(argv: list[str], default: str = DEFAULT_CONFIG) -> list[str]:
@@ -49,12 +50,13 @@ def fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def run_app(main: Callable[[list[str]], Any], default: str = DEFAULT_CONFIG) -> None:
-    """absl ``app.run`` with short config names and one-line errors for bad values."""
+def run_app(main: Callable[[list[str]], Any], default: str | None = DEFAULT_CONFIG) -> None:
+    """absl ``app.run`` with short config names (``default=None``: no --config) and one-line errors."""
     from absl import app, logging
 
     logging.set_verbosity(logging.WARNING)
-    sys.argv = resolve_config_argv(sys.argv, default)
+    if default is not None:
+        sys.argv = resolve_config_argv(sys.argv, default)
 
     def wrapped(argv):
         try:
@@ -126,6 +128,13 @@ class Run:
 
         v = np.asarray(video[0])
         return v if self.cfg.model == "synthetic" else v.transpose(0, 2, 3, 4, 1)
+
+    def images(self, video):
+        """[..., H, W, C] frames of every video, for PSNR/SSIM (MAGI latents are channel-first)."""
+        import numpy as np
+
+        v = np.asarray(video)
+        return v if self.cfg.model == "synthetic" else np.moveaxis(v, 2, -1)
 
 
 def build(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:

@@ -29,6 +29,12 @@ def validate_magi(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"sampler.shortcut_mode must be '8,16,16' or '16,16,8', got {s.shortcut_mode!r}")
     if s.num_steps == 12 and s.window != 4:
         raise ConfigError("the 12-step shortcut grid has 4 stages: use sampler.window=4")
+    if s.key_tile < 1:
+        raise ConfigError(f"sampler.key_tile must be >= 1, got {s.key_tile}")
+    if not 0.0 < s.clean_t <= 1.0:
+        raise ConfigError(f"sampler.clean_t must be in (0, 1], got {s.clean_t}")
+    if s.discard_duplicate not in (None, True, False):
+        raise ConfigError(f"sampler.discard_duplicate must be true, false or unset, got {s.discard_duplicate!r}")
     if s.kv_range not in ("full", "official"):
         raise ConfigError(f"sampler.kv_range must be 'full' or 'official', got {s.kv_range!r}")
     if v.num_chunks < 1 or v.latent_height < 1 or v.latent_width < 1 or v.chunk_width < 1:
@@ -79,16 +85,36 @@ def load_captions(path: str, mcfg, n_chunks: int, params: dict) -> tuple[dict, s
     if y.ndim != 3 or y.shape[0] != n_chunks or y.shape[2] != mcfg.caption_channels:
         raise ConfigError(f"caption 'y' must be [L, {mcfg.caption_channels}] or [{n_chunks}, L, "
                           f"{mcfg.caption_channels}], got {tuple(arrays['y'].shape)}")
-    mask = np.asarray(arrays.get("mask", np.ones(y.shape[:2])), np.float32)
-    mask = np.broadcast_to(mask, y.shape[:2]).copy()
+    try:
+        mask = np.broadcast_to(np.asarray(arrays.get("mask", np.ones(y.shape[:2])), np.float32), y.shape[:2]).copy()
+    except ValueError as e:
+        raise ConfigError(f"caption 'mask' of shape {np.shape(arrays['mask'])} does not fit 'y' {y.shape[:2]}") from e
+    if not (mask > 0).any(-1).all():
+        raise ConfigError(f"caption_file {p}: every chunk needs at least one valid token in 'mask'")
     return {"y": y, "mask": mask, "null_y": null_y, "null_mask": null_m}, f"caption from {p}"
+
+
+def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
+    """The Magi1Denoiser of a config (shared by run, benchmark and flops)."""
+    from flowcache_jax.schedules import magi_time_grid
+    from models.magi1_denoiser import Magi1Denoiser, distill_interval_table, nearly_clean_step
+
+    s, v = cfg.sampler, cfg.video
+    grid = magi_time_grid(s.num_steps, s.shortcut_mode)
+    discard = s.semantics != "magi" if s.discard_duplicate is None else bool(s.discard_duplicate)
+    den = Magi1Denoiser(
+        cfg=mcfg, chunk_frames=v.chunk_width, latent_h=v.latent_height, latent_w=v.latent_width, n_chunks=n_chunks,
+        num_steps=s.num_steps, steps_per_stage=s.num_steps // s.window, clean_t=s.clean_t,
+        nearly_clean_k=nearly_clean_step(grid), discard_duplicate=discard,
+        noise2clean_kvrange=(5, 4, 3, 2) if s.kv_range == "official" else (),
+        distill_intervals=tuple(distill_interval_table(s.num_steps, s.shortcut_mode, s.window)), key_tile=s.key_tile)
+    return den, grid
 
 
 def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
     from flowcache_jax.policies import make_policy
     from flowcache_jax.sampler import Sampler
-    from flowcache_jax.schedules import magi_schedule, magi_time_grid
-    from models.magi1_denoiser import Magi1Denoiser, distill_interval_table, nearly_clean_step
+    from flowcache_jax.schedules import magi_schedule
 
     validate_magi(cfg)
     s, v = cfg.sampler, cfg.video
@@ -97,14 +123,8 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
     if v.latent_height % mcfg.patch_size or v.latent_width % mcfg.patch_size or v.chunk_width % mcfg.t_patch_size:
         raise ConfigError(f"video latent size {v.latent_height}x{v.latent_width} must be a multiple of the patch "
                           f"size {mcfg.patch_size} (chunk_width of {mcfg.t_patch_size})")
-    grid = magi_time_grid(s.num_steps, s.shortcut_mode)
+    den, grid = make_denoiser(cfg, mcfg, n)
     magi = s.semantics == "magi"
-    den = Magi1Denoiser(
-        cfg=mcfg, chunk_frames=v.chunk_width, latent_h=v.latent_height, latent_w=v.latent_width, n_chunks=n,
-        num_steps=s.num_steps, steps_per_stage=s.num_steps // s.window, clean_t=s.clean_t,
-        nearly_clean_k=nearly_clean_step(grid), discard_duplicate=not magi,
-        noise2clean_kvrange=(5, 4, 3, 2) if s.kv_range == "official" else (),
-        distill_intervals=tuple(distill_interval_table(s.num_steps, s.shortcut_mode, s.window)), key_tile=s.key_tile)
     cond, caption = load_captions(cfg.caption_file, mcfg, n, params)
     cond = jax.tree.map(jnp.asarray, cond)
     try:
@@ -114,4 +134,5 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return Run(cfg=cfg, denoiser=den, params=params, cond=cond, table=table, sampler=sampler,
-               notes={"caption": caption, "semantics": s.semantics, "dtype": mcfg.dtype})
+               notes={"caption": caption, "semantics": s.semantics, "dtype": mcfg.dtype,
+                      "duplicate": "discarded" if den.discard_duplicate else "run and blended 0.7/0.3"})

@@ -55,6 +55,8 @@ def main(argv: list[str]) -> None:
 
     cfg = _CONFIG.value
     out = Path(_OUT.value or f"outputs/{cfg.name}")
+    if out.exists() and not out.is_dir():
+        raise common.ConfigError(f"--output_dir {out} exists and is not a folder")
     timer = metrics.WallTimer()
     with timer("load"):
         run = common.build(cfg)
@@ -80,7 +82,8 @@ def main(argv: list[str]) -> None:
     if _COMPARE.value and cfg.policy.name != "vanilla":
         ref_run = common.build(common.with_policy(cfg, "vanilla"))
         ref = ref_run.sampler.run(ref_run.params, ref_run.cond, ref_run.table, ref_run.key, progress=_PROGRESS.value)
-        results["vs_vanilla"] = {"psnr": metrics.psnr(res.video, ref.video), "ssim": metrics.ssim(res.video, ref.video),
+        a, b = run.images(res.video), run.images(ref.video)
+        results["vs_vanilla"] = {"psnr": metrics.psnr(a, b), "ssim": metrics.ssim(a, b),
                                  "rel_l1": metrics.rel_l1(res.video, ref.video)}
     io.write_json(out / "results.json", results)
     io.write_npz(out / "latents.npz", latents=res.video, decisions=res.decisions)

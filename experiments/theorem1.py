@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 from experiments import common  # noqa: E402
 
@@ -405,6 +405,11 @@ def fast_compile() -> None:
 def main(argv: list[str]) -> None:
     del argv
     fl = flags.FLAGS
+    if fl.batch < 1 or fl.cond_batch < 1:
+        raise common.ConfigError(f"--batch and --cond_batch must be >= 1, got {fl.batch}, {fl.cond_batch}")
+    out_dir = Path(fl.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise common.ConfigError(f"--output_dir {out_dir} exists and is not a folder")
     if fl.fast_compile:
         fast_compile()
     from flowcache_jax import io
@@ -435,4 +440,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run_app(main, default=None)

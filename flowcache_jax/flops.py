@@ -8,16 +8,24 @@ from typing import Any
 import jax
 
 
+def _flops(cost: Any) -> float:
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def lowered_flops(fn: Callable, *args: Any) -> float:
+    """FLOPs of the unoptimised HLO of ``jit(fn)`` (no compilation; args may be ShapeDtypeStructs)."""
+    return _flops(jax.jit(fn).lower(*args).cost_analysis())
+
+
 def compiled_flops(fn: Callable, *args: Any) -> float:
     """FLOPs XLA reports for ``jit(fn)(*args)`` after compilation (0 if the backend reports none).
 
     XLA counts the body of a while loop (``lax.scan``/``fori_loop``) once, whatever its trip count, so
     a model whose layers are scanned must be counted per layer and multiplied.
     """
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
+    return _flops(jax.jit(fn).lower(*args).compile().cost_analysis())
 
 
 def chunk_forward_flops(denoiser: Any, params: Any, cond: Any, batch: int, window: int) -> float:

@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 
 from flowcache_jax.denoiser import Denoiser, SlotInfo
 from flowcache_jax.policies import Policy, StepInfo
+from flowcache_jax.policies.base import NEW
 from flowcache_jax.schedules import ScheduleTable
 from flowcache_jax.solvers import euler_step
 from flowcache_jax.state import SamplerState, init_state
 
 REUSE_MODES = ("displacement", "residual")
 METRIC_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_STEP_KEYS = ("chunk", "k", "t", "dt", "active", "first", "last", "step_valid", "global_first", "global_last")
+_STEP_KEYS = ("chunk", "k", "t", "dt", "active", "step_valid", "global_first", "global_last")
 
 
 @dataclasses.dataclass
@@ -78,11 +79,11 @@ class Sampler:
             raise ValueError(f"{type(denoiser).__name__} has no encode_clean; set reencode_clean=False")
         self.reuse, self.metric_dtype, self.reencode_clean = reuse, METRIC_DTYPES[metric_dtype], reencode_clean
         self.traces = 0
-        self._compiled = None
+        self._compiled: dict[tuple[int, int], Any] = {}  # per (steps per stage, window): one executable
         self._noise = jax.jit(lambda k: denoiser.sample_noise(k, batch))
 
     # ----- state -------------------------------------------------------------------------------
-    def init_state(self, params: Any, cond: Any, key: jax.Array) -> SamplerState:
+    def init_state(self, params: Any, cond: Any) -> SamplerState:
         d, b = self.denoiser, self.batch
         latent = jax.ShapeDtypeStruct((b, *d.chunk_shape), jnp.float32)
         t = jax.ShapeDtypeStruct((), jnp.float32)
@@ -96,7 +97,7 @@ class Sampler:
             out, _ = jax.eval_shape(d.forward_chunk, params, cond, latent, info, d.init_kv(b, self.window))
             cache = out.residual
         return init_state(latent, feat, cache, self.window, d.init_kv(b, self.window),
-                          self.policy.init_global(), key)
+                          self.policy.init_global())
 
     # ----- one step ----------------------------------------------------------------------------
     def _step(self, params: Any, cond: Any, state: SamplerState, row: dict) -> tuple[SamplerState, dict]:
@@ -113,7 +114,10 @@ class Sampler:
                         global_last=row["global_last"], step=state.step)
         acc_before = state.acc[ring]
         dec = self.policy.decide(acc_before, state.glob, info)
-        compute = dec.compute | (active & ~state.has_cache[ring])  # never reuse an empty cache
+        empty = active & ~state.has_cache[ring]  # never reuse an empty cache: compute, as a new chunk
+        compute = dec.compute | empty
+        dec = dec._replace(acc=jnp.where(empty & ~dec.compute, 0.0, dec.acc),
+                           reason=jnp.where(empty & ~dec.compute, jnp.int8(NEW), dec.reason))
         window_end = jnp.max(jnp.where(active, chunk, -1)) + 1
 
         def position(carry, j):
@@ -216,16 +220,17 @@ class Sampler:
                           else np.asarray(self._noise(jax.random.fold_in(key, int(c)))))
         return out
 
-        # ----- host loop ---------------------------------------------------------------------------
+    # ----- host loop -------------------------------------------------------------------------------
     def compile(self, params: Any, cond: Any, state: SamplerState, table: ScheduleTable) -> float:
         """AOT-compile the stage function once (shapes do not depend on the stage or video length)."""
         if table.window != self.window:
             raise ValueError(f"schedule window {table.window} != sampler window {self.window}")
-        if self._compiled is not None:
+        shape = (table.steps_per_stage, table.window)
+        if shape in self._compiled:
             return 0.0
         t0 = time.perf_counter()
         noise = jax.ShapeDtypeStruct((self.window, self.batch, *self.denoiser.chunk_shape), jnp.float32)
-        self._compiled = jax.jit(self._stage).lower(params, cond, state, table.stage(0), noise).compile()
+        self._compiled[shape] = jax.jit(self._stage).lower(params, cond, state, table.stage(0), noise).compile()
         jax.block_until_ready(self._noise(jax.random.PRNGKey(0)))  # compile the noise sampler here too
         return time.perf_counter() - t0
 
@@ -235,27 +240,28 @@ class Sampler:
         limit = getattr(self.denoiser, "n_chunks", None)
         if limit is not None and table.n_chunks > limit:
             raise ValueError(f"the schedule has {table.n_chunks} chunks but the denoiser's KV buffer holds {limit}")
-        state = self.init_state(params, cond, key)
+        state = self.init_state(params, cond)
         t_compile = self.compile(params, cond, state, table)
+        compiled = self._compiled[(table.steps_per_stage, table.window)]
         video = np.zeros((self.batch, table.n_chunks, *self.denoiser.chunk_shape), np.float32)
         recs, stage_latents = [], []
-        if record_stages:  # chunks that have not entered yet show their initial noise
-            for st in range(table.num_stages):
-                noise = self.entering_noise(table, st, key, initial_noise)
-                for r in np.flatnonzero(table.enter[st] >= 0):
-                    video[:, table.enter[st][r]] = noise[r]
         if initial_noise is not None:
             initial_noise = np.asarray(initial_noise, np.float32)
             want = (self.batch, table.n_chunks, *self.denoiser.chunk_shape)
             if initial_noise.shape != want:
                 raise ValueError(f"initial_noise has shape {initial_noise.shape}, expected {want}")
+        noises = [self.entering_noise(table, st, key, initial_noise) for st in range(table.num_stages)]
+        if record_stages:  # chunks that have not entered yet show their initial noise
+            for st, noise in enumerate(noises):
+                for r in np.flatnonzero(table.enter[st] >= 0):
+                    video[:, table.enter[st][r]] = noise[r]
         t0 = time.perf_counter()
         for s in tqdm(range(table.num_stages), desc=f"{self.policy.name} stages", disable=not progress,
                       leave=False):
-            noise = self.entering_noise(table, s, key, initial_noise)
+            noise = noises[s]
             for r in np.flatnonzero(table.enter[s] >= 0):  # not-yet-finished chunks show their current latent
                 video[:, table.enter[s][r]] = noise[r]
-            state, rec = self._compiled(params, cond, state, table.stage(s), noise)
+            state, rec = compiled(params, cond, state, table.stage(s), noise)
             recs.append(rec)
             fin = table.finish[s]
             if (fin >= 0).any() or record_stages:

@@ -27,11 +27,10 @@ class SamplerState:
     glob: Any  # policy-global state
     step: jax.Array  # int32 []: global steps done
     computed: jax.Array  # int32 []: chunk forwards run so far
-    rng: jax.Array  # base key; chunk c's noise uses fold_in(rng, c)
 
 
 def init_state(latent: jax.ShapeDtypeStruct, feat: jax.ShapeDtypeStruct, cache: jax.ShapeDtypeStruct,
-               window: int, kv: Any, glob: Any, rng: jax.Array) -> SamplerState:
+               window: int, kv: Any, glob: Any) -> SamplerState:
     """An empty state; shapes are per chunk ([B, ...]) and get a leading ring axis of ``window``."""
 
     def zeros(s: jax.ShapeDtypeStruct) -> jax.Array:
@@ -41,4 +40,4 @@ def init_state(latent: jax.ShapeDtypeStruct, feat: jax.ShapeDtypeStruct, cache: 
         latents=zeros(latent), chunk=jnp.full((window,), -1, jnp.int32), acc=jnp.zeros((window,), jnp.float32),
         prev_feat=zeros(feat), prev_present=jnp.zeros((window,), bool), cache=zeros(cache),
         has_cache=jnp.zeros((window,), bool), kv=kv, glob=glob, step=jnp.zeros((), jnp.int32),
-        computed=jnp.zeros((), jnp.int32), rng=rng)
+        computed=jnp.zeros((), jnp.int32))

@@ -73,7 +73,8 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
     """
     s, hq, d = q.shape
     length, g, _ = k.shape
-    qg = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype).reshape(s, g, hq // g, d)
+    qg = q.reshape(s, g, hq // g, d)
+    scale = 1.0 / math.sqrt(d)  # applied to the fp32 scores, not to (bf16) queries
 
     def tile(carry, start):
         kt = jax.lax.dynamic_slice_in_dim(k, start, key_tile)
@@ -82,7 +83,7 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
 
         def attend(carry):
             m, l_sum, acc = carry
-            sc = jnp.where(ok, _scores(qg, kt), -jnp.inf)
+            sc = jnp.where(ok, _scores(qg, kt) * scale, -jnp.inf)
             m_new = jnp.maximum(m, sc.max(-1))
             safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(sc - safe[..., None])
@@ -97,7 +98,7 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
 
     if length <= key_tile:  # one tile: plain masked softmax
         ok = _in_ranges(jnp.arange(length), ranges)
-        p = jax.nn.softmax(jnp.where(ok, _scores(qg, k), -jnp.inf), axis=-1)
+        p = jax.nn.softmax(jnp.where(ok, _scores(qg, k) * scale, -jnp.inf), axis=-1)
         out = jnp.einsum("grsl,lgd->grsd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     else:
         pad = (-length) % key_tile

@@ -183,8 +183,8 @@ def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     """Chunk r's queries [R, n, Hq, d] attend its own caption keys [R, L, G, d] where mask [R, L] is set."""
     r, n, hq, d = q.shape
     g = k.shape[2]
-    qg = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype).reshape(r, n, g, hq // g, d)
-    s = jnp.einsum("rngjd,rlgd->rgjnl", qg, k, preferred_element_type=jnp.float32)
+    qg = q.reshape(r, n, g, hq // g, d)
+    s = jnp.einsum("rngjd,rlgd->rgjnl", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
     s = jnp.where(mask[:, None, None, None, :] > 0, s, -jnp.inf)
     pr = jax.nn.softmax(s, -1).astype(v.dtype)
     o = jnp.einsum("rgjnl,rlgd->rngjd", pr, v, preferred_element_type=jnp.float32)

@@ -136,7 +136,7 @@ def reference_calls(table, den: Magi1Denoiser, reencode: bool, width: int) -> di
            "call_slice_point": np.zeros(steps, np.int64), "call_denoising_range_num": np.zeros(steps, np.int64),
            "call_range_num": np.zeros(steps, np.int64), "call_fwd_extra_1st_chunk": np.zeros(steps, bool),
            "call_nearly_clean": np.zeros(steps, bool), "call_stage": np.zeros(steps, np.int64),
-           "call_step": np.zeros(steps, np.int64)}
+           "call_step": np.zeros(steps, np.int64), "call_distill_interval": np.zeros(steps, np.float32)}
     g = 0
     for s in range(table.num_stages):
         clean = table.stage(s)["reencode"]
@@ -164,6 +164,7 @@ def reference_calls(table, den: Magi1Denoiser, reencode: bool, width: int) -> di
             out["call_fwd_extra_1st_chunk"][g] = bool(extra)
             out["call_nearly_clean"][g] = den.nearly_clean_k is not None and ks[0] >= den.nearly_clean_k
             out["call_stage"][g], out["call_step"][g] = s, d
+            out["call_distill_interval"][g] = den.distill_intervals[d % len(den.distill_intervals)]
             g += 1
     return out
 

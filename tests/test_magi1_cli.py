@@ -64,13 +64,17 @@ def test_benchmark_on_converted_weights(ckpt, tmp_path):
 def test_caption_file_is_used_and_checked(ckpt, tmp_path):
     import numpy as np
 
+    width = json.loads(CONFIG.read_text())["model_config"]["caption_channels"]
     cap = tmp_path / "caption.npz"
-    np.savez(cap, y=np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32))
+    np.savez(cap, y=np.random.default_rng(0).normal(size=(5, width)).astype(np.float32))
     p = cli("run.py", "--config=magi_vanilla", f"--config.checkpoint={ckpt}", f"--config.caption_file={cap}", *SMALL,
             f"--output_dir={tmp_path / 'a'}", "--nocompare_to_vanilla")
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "a" / "results.json").read_text())["notes"]["caption"] == f"caption from {cap}"
-    np.savez(cap, y=np.zeros((5, 63), np.float32))
-    p = cli("run.py", "--config=magi_vanilla", f"--config.checkpoint={ckpt}", f"--config.caption_file={cap}", *SMALL,
-            f"--output_dir={tmp_path / 'b'}")
-    assert p.returncode == 2 and "caption 'y' must be" in p.stderr and "Traceback" not in p.stderr
+    for bad, needle in ((dict(y=np.zeros((5, width - 1), np.float32)), "caption 'y' must be"),
+                        (dict(y=np.zeros((5, width), np.float32), mask=np.zeros(5)), "at least one valid token"),
+                        (dict(y=np.zeros((5, width), np.float32), mask=np.ones(4)), "does not fit")):
+        np.savez(cap, **bad)
+        p = cli("run.py", "--config=magi_vanilla", f"--config.checkpoint={ckpt}", f"--config.caption_file={cap}",
+                *SMALL, f"--output_dir={tmp_path / 'b'}")
+        assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr

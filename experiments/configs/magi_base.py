@@ -18,6 +18,7 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
         # "reference": the FlowCache fork (no clean re-encode of finished chunks, nearly-clean duplicate dropped);
         # "magi": upstream MAGI-1 (clean re-encode, duplicate run and blended 0.7/0.3); threshold 0 = vanilla.
         semantics=semantics,
+        discard_duplicate=None,  # None: follow semantics; true/false overrides (the fork's thr0dup / Physics-IQ runs)
         kv_range="full",  # "full" history (FlowCache config) or "official" per-stage ranges [5, 4, 3, 2]
         key_tile=2048))  # keys per attention tile: bounds the score block to [heads, 12150, 2048]
     c.policy = ml_collections.ConfigDict(dict(
