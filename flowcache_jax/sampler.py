@@ -47,6 +47,7 @@ class RunResult:
     wall: dict[str, float]  # compile / denoise seconds
     traces: int  # times the stage function was traced (compiled) by this sampler
     stage_latents: np.ndarray | None = None  # [stages, B, n_chunks, ...]: every chunk after each stage
+    stage_reports: list | None = None  # per stage, the denoiser's ``report(kv)`` (e.g. compression events)
 
     @property
     def computed_fraction(self) -> float:
@@ -207,7 +208,10 @@ class Sampler:
             return jax.lax.cond(row["step_valid"], lambda s: self._step(params, cond, s, row), skip, state)
 
         rows = {k: tab[k] for k in _STEP_KEYS}
-        return jax.lax.scan(step, state, rows)
+        state, rec = jax.lax.scan(step, state, rows)
+        if hasattr(self.denoiser, "end_stage"):  # e.g. KV compression when a chunk has finished
+            state = state.replace(kv=self.denoiser.end_stage(params, state.kv, tab["finish"], tab["n_chunks"]))
+        return state, rec
 
     def entering_noise(self, table: ScheduleTable, stage: int, key: jax.Array,
                        initial_noise: np.ndarray | None) -> np.ndarray:
@@ -244,7 +248,7 @@ class Sampler:
         t_compile = self.compile(params, cond, state, table)
         compiled = self._compiled[(table.steps_per_stage, table.window)]
         video = np.zeros((self.batch, table.n_chunks, *self.denoiser.chunk_shape), np.float32)
-        recs, stage_latents = [], []
+        recs, stage_latents, reports = [], [], []
         if initial_noise is not None:
             initial_noise = np.asarray(initial_noise, np.float32)
             want = (self.batch, table.n_chunks, *self.denoiser.chunk_shape)
@@ -271,6 +275,8 @@ class Sampler:
                     video[:, ids[r]] = lat[r]
             if record_stages:
                 stage_latents.append(video.copy())
+                if hasattr(self.denoiser, "report"):
+                    reports.append(jax.tree.map(np.asarray, self.denoiser.report(state.kv)))
         computed = int(state.computed)
         t_denoise = time.perf_counter() - t0
         rec = {k: np.concatenate([np.asarray(r[k]) for r in recs])[table.step_valid.reshape(-1)]
@@ -280,4 +286,5 @@ class Sampler:
                          reason=rec["reason"], diff_l1=rec["diff_l1"], prev_l1=rec["prev_l1"], computed=computed,
                          chunk_forwards_vanilla=table.chunk_forwards,
                          wall={"compile": t_compile, "denoise": t_denoise}, traces=self.traces,
-                         stage_latents=np.stack(stage_latents) if record_stages else None)
+                         stage_latents=np.stack(stage_latents) if record_stages else None,
+                         stage_reports=reports if record_stages else None)

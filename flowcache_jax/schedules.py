@@ -108,6 +108,7 @@ class ScheduleTable:
                  "global_last", "enter", "finish")
         out = {n: getattr(self, n)[s] for n in names}
         out["reencode"] = self.finish[s - 1] if s > 0 else np.full_like(self.finish[0], -1)
+        out["n_chunks"] = np.int32(self.n_chunks)
         return out
 
 

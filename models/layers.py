@@ -65,11 +65,13 @@ def _in_ranges(j: jax.Array, ranges: jax.Array) -> jax.Array:
     return jnp.any((j[None, None, :] >= lo) & (j[None, None, :] < hi), axis=1)
 
 
-def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, key_tile: int = 4096) -> jax.Array:
+def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, key_tile: int = 4096,
+                    key_mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention where query i sees the keys in its ranges; GQA by consecutive head groups.
 
     q [S, Hq, d], k/v [L, G, d], ranges [S, n, 2] int32 half-open. Returns [S, Hq, d] in q's dtype. Every
-    query must have at least one key. Keys are processed in tiles of ``key_tile`` with an online softmax.
+    query must have at least one key; ``key_mask`` [L] (optional) adds keys every query sees. Keys are processed
+    in tiles of ``key_tile`` with an online softmax.
     """
     s, hq, d = q.shape
     length, g, _ = k.shape
@@ -80,6 +82,8 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
         kt = jax.lax.dynamic_slice_in_dim(k, start, key_tile)
         vt = jax.lax.dynamic_slice_in_dim(v, start, key_tile)
         ok = _in_ranges(start + jnp.arange(key_tile), ranges)  # [S, T]
+        if key_mask is not None:
+            ok = ok | jax.lax.dynamic_slice_in_dim(key_mask, start, key_tile)[None, :]
 
         def attend(carry):
             m, l_sum, acc = carry
@@ -98,12 +102,15 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
 
     if length <= key_tile:  # one tile: plain masked softmax
         ok = _in_ranges(jnp.arange(length), ranges)
+        if key_mask is not None:
+            ok = ok | key_mask[None, :]
         p = jax.nn.softmax(jnp.where(ok, _scores(qg, k) * scale, -jnp.inf), axis=-1)
         out = jnp.einsum("grsl,lgd->grsd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     else:
         pad = (-length) % key_tile
         k = jnp.pad(k, ((0, pad), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, pad), (0, 0), (0, 0)))
+        key_mask = None if key_mask is None else jnp.pad(key_mask, (0, pad))
         shape = (g, hq // g, s)
         init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (d,)))
         (m, l_sum, acc), _ = jax.lax.scan(tile, init, jnp.arange(0, length + pad, key_tile))

@@ -194,13 +194,17 @@ def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
 def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.Array, y_mask: jax.Array,
                  kv_range: jax.Array, buffer: tuple[jax.Array, jax.Array], slice_point: jax.Array | int,
                  num_steps: int, write_chunks: int, distill_interval: jax.Array | float = 1.0,
-                 key_tile: int = 4096, with_intermediates: bool = False) -> tuple:
+                 key_tile: int = 4096, with_intermediates: bool = False, buffer_mask: jax.Array | None = None,
+                 write_start: jax.Array | None = None, capture_queries: int = 0) -> tuple:
     """One upstream ``VideoDiTModel.forward`` of R chunks: velocity [C, T, H, W], new buffer, intermediates.
 
     ``kv_range`` [R, 2] indexes the reference's key space [rows 0..slice_point·ctn of the cache ; this
     call's rows]. ``buffer`` is (K, V) [layers, rows, G, d] with a static row count; its rows below
     ``slice_point·ctn`` are read, and rows from there receive this call's K/V (post norm and RoPE) for its
     first ``write_chunks`` chunks. ``slice_point`` may be traced, so one compiled call serves every chunk.
+    A fixed-size (compressed) buffer passes ``buffer_mask`` [rows] (the buffer rows every query sees, in place
+    of the reference ranges into the buffer) and ``write_start``. ``capture_queries`` > 0 returns the last that
+    many query rows of every layer (post norm and RoPE) as ``inter["queries"]`` [layers, n, Hq, d].
     """
     dt_ = cfg.jdtype
     c, tt, hh, ww = x.shape
@@ -227,6 +231,11 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
     ranges = jnp.stack([jnp.stack([a_, jnp.minimum(b_, c0)], -1),
                         jnp.stack([jnp.maximum(a_, c0) - c0 + n_buf, b_ - c0 + n_buf], -1)], 1)[cmap]
     n_write = write_chunks * ctn
+    w0 = c0 if write_start is None else jnp.asarray(write_start, jnp.int32)
+    key_mask = None
+    if buffer_mask is not None:  # the buffer segment comes from the mask, not from a range
+        ranges = ranges.at[:, 0, 1].set(ranges[:, 0, 0])
+        key_mask = jnp.concatenate([buffer_mask.astype(bool), jnp.zeros((s,), bool)])
 
     def layer(h, inputs):
         lp, bk, bv = inputs
@@ -244,7 +253,7 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
                         sin[:, None], cos[:, None]).astype(dt_)
         k_all = jnp.concatenate([bk.astype(dt_), k], 0)
         v_all = jnp.concatenate([bv.astype(dt_), v], 0)
-        o_self = range_attention(q, k_all, v_all, ranges, key_tile).reshape(s, hq * hd)
+        o_self = range_attention(q, k_all, v_all, ranges, key_tile, key_mask).reshape(s, hq * hd)
         qx = layer_norm(qx, lp["qx_norm"]["scale"], lp["qx_norm"]["bias"], eps, one_p)
         kx = layer_norm(dense(y_x, lp["kx"]).reshape(r, -1, g, hd), lp["kx_norm"]["scale"], lp["kx_norm"]["bias"],
                         eps, one_p)
@@ -260,18 +269,19 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
         h = (h.astype(jnp.float32) + layer_norm(m.astype(jnp.float32) * g_mlp.astype(jnp.float32), pn["scale"],
                                                 pn["bias"], eps, one_p)).astype(dt_)
         if n_write:
-            bk = jax.lax.dynamic_update_slice_in_dim(bk, k[:n_write].astype(bk.dtype), c0, 0)
-            bv = jax.lax.dynamic_update_slice_in_dim(bv, v[:n_write].astype(bv.dtype), c0, 0)
-        return h, (bk, bv, h if with_intermediates else None)
+            bk = jax.lax.dynamic_update_slice_in_dim(bk, k[:n_write].astype(bk.dtype), w0, 0)
+            bv = jax.lax.dynamic_update_slice_in_dim(bv, v[:n_write].astype(bv.dtype), w0, 0)
+        return h, (bk, bv, h if with_intermediates else None, q[s - capture_queries:] if capture_queries else None)
 
-    h, (new_k, new_v, layer_outs) = jax.lax.scan(layer, h, (p["layers"], buffer[0], buffer[1]))
+    h, (new_k, new_v, layer_outs, queries) = jax.lax.scan(layer, h, (p["layers"], buffer[0], buffer[1]))
     hf = layer_norm(h.astype(jnp.float32), p["final_norm"]["scale"], p["final_norm"]["bias"], eps, one_p)
     out = dense(hf, p["final"], jnp.float32)
     vel = unpatchify(cfg, out, tt, hh, ww) / cfg.x_rescale_factor
-    inter = None
+    inter = {"queries": queries} if capture_queries else None
     if with_intermediates:
         inter = {"x_embed": tokens @ p["x_embed"]["kernel"], "rope_sin": sin, "rope_cos": cos, "temb_t": e_t,
-                 "temb_dt": e_dt, "condition": cond, "y_xattn": y_x, "layer_out": layer_outs, "final_norm_out": hf}
+                 "temb_dt": e_dt, "condition": cond, "y_xattn": y_x, "layer_out": layer_outs, "final_norm_out": hf,
+                 "queries": queries}
     return vel, (new_k, new_v), inter
 
 

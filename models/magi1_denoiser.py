@@ -11,13 +11,14 @@ and the clean re-encode (step 2) is ``encode_clean``, called by the sampler at s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flowcache_jax.denoiser import ChunkOutput, SlotInfo
+from flowcache_jax.kv import compress as kvc
+from flowcache_jax.kv.compress import CompressConfig
 from models.magi1 import Magi1Config, empty_buffer, forward_call, patchify
 
 
@@ -27,7 +28,7 @@ class Magi1Denoiser:
     chunk_frames: int  # latent frames per chunk (chunk_width)
     latent_h: int
     latent_w: int
-    n_chunks: int  # sizes the KV buffer: one row block per chunk of the video
+    n_chunks: int  # sizes the KV buffer when it is not compressed: one row block per chunk of the video
     num_steps: int  # per chunk; sets the distill step-size embedding
     steps_per_stage: int
     clean_t: float = 0.9999
@@ -38,6 +39,9 @@ class Magi1Denoiser:
     clean_chunk_kvrange: int = 1
     distill_intervals: tuple[float, ...] = (1.0,)  # per step inside a stage (only used with 12 steps)
     key_tile: int = 4096
+    cache_chunks: int | None = None  # KV compression: buffer of this many chunks (None: the whole video)
+    compression: CompressConfig | None = None  # scoring settings; its budget is set from the layout
+    query_granularity: str = "frame"  # queries scored at a compression: last 50 tokens / last frame / chunk
 
     @property
     def chunk_shape(self) -> tuple[int, int, int, int]:
@@ -48,22 +52,57 @@ class Magi1Denoiser:
         p, pt = self.cfg.patch_size, self.cfg.t_patch_size
         return (self.chunk_frames // pt) * (self.latent_h // p) * (self.latent_w // p)
 
+    @property
+    def window(self) -> int:
+        return self.num_steps // self.steps_per_stage
+
+    # ----- the fixed-shape KV buffer ---------------------------------------------------------------------
+    # Rows [0, B) hold the compressed history (before the first compression: chunks 0..b-1, B = b·ctn);
+    # chunks from b on live in a ring of ``window`` chunk slots after it, so nothing ever moves. Each row
+    # has an owner: a chunk id, -2 (compressed history, older than every active chunk) or -1 (empty).
+    @property
+    def history_chunks(self) -> int:
+        """b: chunk slots before the ring (the compressed region when compression is on)."""
+        if self.cache_chunks is None:
+            return max(self.n_chunks - self.window, 0)
+        return self.cache_chunks - self.window
+
+    @property
+    def buffer_rows(self) -> int:
+        return (self.history_chunks + self.window) * self.tokens_per_chunk
+
+    def slot_start(self, chunk: jax.Array) -> jax.Array:
+        b, ctn = self.history_chunks, self.tokens_per_chunk
+        return jnp.where(chunk < b, chunk * ctn, b * ctn + ((chunk - b) % self.window) * ctn).astype(jnp.int32)
+
+    @property
+    def query_rows(self) -> int:
+        ctn, hw = self.tokens_per_chunk, (self.latent_h // self.cfg.patch_size) * (self.latent_w // self.cfg.patch_size)
+        return {"token": min(50, ctn), "frame": hw, "chunk": ctn}[self.query_granularity]
+
     def sample_noise(self, key: jax.Array, batch: int) -> jax.Array:
         return jax.random.normal(key, (batch, *self.chunk_shape), jnp.float32)
 
-    def init_kv(self, batch: int, window: int) -> tuple[jax.Array, jax.Array]:
+    def init_kv(self, batch: int, window: int) -> dict:
         if batch != 1:
             raise ValueError("the MAGI-1 sampler runs one video at a time (batch=1)")
-        return empty_buffer(self.cfg, self.n_chunks * self.tokens_per_chunk)
+        k, v = empty_buffer(self.cfg, self.buffer_rows)
+        kv = {"k": k, "v": v, "owner": jnp.full((self.buffer_rows,), -1, jnp.int32)}
+        if self.compression is not None:
+            c = self.cfg
+            b = self.history_chunks * self.tokens_per_chunk
+            kv.update(last_q=jnp.zeros((c.num_layers, self.query_rows, c.num_attention_heads, c.kv_channels), k.dtype),
+                      last_idx=jnp.zeros((c.num_layers, c.num_query_groups, b), jnp.int32),
+                      events=jnp.zeros((), jnp.int32))
+        return kv
 
     def metric_features(self, params: dict, x: jax.Array, t: jax.Array) -> jax.Array:
         """The patch embedder's output (bias-free linear), FlowCache's MAGI metric (spec flowcache §1.3)."""
         tok = patchify(self.cfg, x[0].astype(jnp.float32) * self.cfg.x_rescale_factor)
         return tok @ params["x_embed"]["kernel"].astype(jnp.float32)
 
-    def _kv_start(self, chunk: jax.Array, k: jax.Array | None) -> jax.Array:
-        """First key row of a chunk's range: 0 (full history) or its stage's window of chunks."""
-        ctn = self.tokens_per_chunk
+    def _first_key_chunk(self, chunk: jax.Array, k: jax.Array | None) -> jax.Array:
+        """Oldest chunk a chunk attends to: 0 (full history) or its stage's window of chunks."""
         if not self.noise2clean_kvrange:
             return jnp.int32(0)
         if k is None:
@@ -71,42 +110,96 @@ class Magi1Denoiser:
         else:
             table = jnp.asarray(self.noise2clean_kvrange, jnp.int32)
             n = table[jnp.minimum(k // self.steps_per_stage, len(self.noise2clean_kvrange) - 1)]
-        return jnp.maximum(0, chunk + 1 - n) * ctn
+        return jnp.maximum(0, chunk + 1 - n)
 
-    def _call(self, params: dict, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array, kv: Any,
-              slot: jax.Array, lo: jax.Array, write: int, k: jax.Array) -> tuple[jax.Array, Any]:
+    def _kv_start(self, chunk: jax.Array, k: jax.Array | None) -> jax.Array:
+        """First key row of a chunk's range in the reference's index space."""
+        return self._first_key_chunk(chunk, k) * self.tokens_per_chunk
+
+    def _call(self, params: dict, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array, kv: dict,
+              chunk: jax.Array, first: jax.Array | None, write: bool, k: jax.Array) -> tuple[jax.Array, dict]:
+        """One chunk forward at ``chunk``'s position; it sees buffer rows of chunks in [first, chunk) (none if
+        ``first`` is None) plus itself, and writes its K/V into its slot when ``write``."""
         ctn = self.tokens_per_chunk
-        kv_range = jnp.stack([lo, (slot + 1) * ctn])[None]
+        owner = kv["owner"]
+        if first is None:
+            visible = jnp.zeros_like(owner, bool)
+        else:
+            visible = ((owner == -2) & (first == 0)) | ((owner >= first) & (owner < chunk))
+        kv_range = jnp.stack([chunk * ctn, (chunk + 1) * ctn])[None]
         interval = jnp.asarray(self.distill_intervals, jnp.float32)[k % len(self.distill_intervals)]
-        vel, kv, _ = forward_call(self.cfg, params, x[0], t[None], y[None], mask[None], kv_range, kv, slot,
-                                  self.num_steps, write, interval, self.key_tile)
+        start = self.slot_start(chunk)
+        nq = self.query_rows if self.compression is not None else 0
+        vel, (bk, bv), inter = forward_call(
+            self.cfg, params, x[0], t[None], y[None], mask[None], kv_range, (kv["k"], kv["v"]), chunk, self.num_steps,
+            int(write), interval, self.key_tile, buffer_mask=visible, write_start=start, capture_queries=nq)
+        kv = dict(kv, k=bk, v=bv)
+        if write:
+            kv["owner"] = jax.lax.dynamic_update_slice_in_dim(owner, jnp.full((ctn,), chunk, jnp.int32), start, 0)
+        if nq:
+            kv["last_q"] = inter["queries"].astype(kv["last_q"].dtype)  # the reference keeps the last forward's
         return vel[None], kv
 
-    def forward_chunk(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: Any
-                      ) -> tuple[ChunkOutput, Any]:
+    def forward_chunk(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict
+                      ) -> tuple[ChunkOutput, dict]:
         y, mask = cond["y"][info.chunk], cond["mask"][info.chunk]
-        v, kv = self._call(params, x, info.t, y, mask, kv, info.chunk, self._kv_start(info.chunk, info.k), 1, info.k)
+        v, kv = self._call(params, x, info.t, y, mask, kv, info.chunk, self._first_key_chunk(info.chunk, info.k),
+                           True, info.k)
         if self.nearly_clean_k is not None and not self.discard_duplicate:
-            ctn = self.tokens_per_chunk
             dup = (info.position == 0) & (info.k >= self.nearly_clean_k)
 
-            def duplicate(_):  # same latent, time and caption at the slot after the window, sees only itself
-                vd, _ = self._call(params, x, info.t, y, mask, kv, info.window_end, info.window_end * ctn, 0, info.k)
-                return self.prev_chunks_scale * v + (1 - self.prev_chunks_scale) * vd
+            def duplicate(kv):  # same latent, time and caption at the slot after the window, sees only itself
+                vd, kv = self._call(params, x, info.t, y, mask, kv, info.window_end, None, False, info.k)
+                return self.prev_chunks_scale * v + (1 - self.prev_chunks_scale) * vd, kv
 
-            v = jax.lax.cond(dup, duplicate, lambda _: v, None)
+            v, kv = jax.lax.cond(dup, duplicate, lambda kv: (v, kv), kv)
         return ChunkOutput(velocity=v, residual=v), kv
 
     def velocity_from_residual(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo,
                                residual: jax.Array) -> jax.Array:
         return residual  # MAGI has no cheap head: "residual" reuse replays the model output
 
-    def encode_clean(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: Any) -> Any:
+    def encode_clean(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict) -> dict:
         """Re-encode a finished chunk at ``clean_t`` with the null caption, only to write its K/V."""
         _, kv = self._call(params, x, jnp.float32(self.clean_t), cond["null_y"][info.chunk],
-                           cond["null_mask"][info.chunk], kv, info.chunk, self._kv_start(info.chunk, None), 1,
-                           jnp.int32(0))
+                           cond["null_mask"][info.chunk], kv, info.chunk, self._first_key_chunk(info.chunk, None),
+                           True, jnp.int32(0))
         return kv
+
+    def end_stage(self, params: dict, kv: dict, finished: jax.Array, n_chunks: jax.Array) -> dict:
+        """Compress when the reference does: a chunk of the ring finished and another one will enter its slot."""
+        b = self.history_chunks
+        if self.compression is None or b < 1:
+            return kv
+        c = jnp.max(finished)
+        trigger = (c >= b) & (c + self.window < n_chunks)
+        return jax.lax.cond(trigger, lambda kv: self._compress(kv, c), lambda kv: kv, kv)
+
+    def _compress(self, kv: dict, chunk: jax.Array) -> dict:
+        """History rows [0, B) ++ the finished chunk's slot -> the top-B rows per layer and KV head."""
+        ctn, b = self.tokens_per_chunk, self.history_chunks * self.tokens_per_chunk
+        cfg = dataclasses.replace(self.compression, budget=b)
+        start = self.slot_start(chunk)
+
+        def layer(_, xs):
+            k, v, q = xs
+            kc = jnp.concatenate([k[:b], jax.lax.dynamic_slice_in_dim(k, start, ctn)])
+            vc = jnp.concatenate([v[:b], jax.lax.dynamic_slice_in_dim(v, start, ctn)])
+            idx, _ = kvc.select(kvc.scores(q, kc, cfg)["final"], cfg)
+            return None, (kvc.gather(kc, idx), kvc.gather(vc, idx), idx)
+
+        _, (k_new, v_new, idx) = jax.lax.scan(layer, None, (kv["k"], kv["v"], kv["last_q"]))
+        owner = kv["owner"].at[:b].set(-2)
+        owner = jax.lax.dynamic_update_slice_in_dim(owner, jnp.full((ctn,), -1, jnp.int32), start, 0)
+        return dict(kv, k=kv["k"].at[:, :b].set(k_new.astype(kv["k"].dtype)),
+                    v=kv["v"].at[:, :b].set(v_new.astype(kv["v"].dtype)), owner=owner, last_idx=idx,
+                    events=kv["events"] + 1)
+
+    def report(self, kv: dict) -> dict:
+        """What a stage leaves behind for inspection: compression events and the last kept indices."""
+        if self.compression is None:
+            return {}
+        return {"events": kv["events"], "last_idx": kv["last_idx"]}
 
 
 def nearly_clean_step(grid: np.ndarray, threshold: float = 0.3) -> int | None:

@@ -170,3 +170,56 @@ def test_official_key_ranges():
             assert int(off._kv_start(jnp.int32(c), jnp.int32(stage * p + 1))) == max(0, c + 1 - n) * ctn
         assert int(off._kv_start(jnp.int32(c), None)) == c * ctn
     assert int(den._kv_start(jnp.int32(5), jnp.int32(0))) == 0  # full history
+
+
+KV = dict(np.load(FIXTURE / "e2e_flowcache_kv.npz")) if (FIXTURE / "e2e_flowcache_kv.npz").exists() else {}
+KV_RUNS = sorted(k[: -len("_decision")] for k in KV if k.endswith("_decision"))
+
+
+@functools.cache
+def run_kv(prefix: str):
+    """A FlowCache run of the fork with KV compression on: window and buffer size from the file."""
+    from flowcache_jax.kv.compress import CompressConfig
+
+    params, den, _, cond, noise = setup()
+    window, total = int(KV["window_size"]), int(KV["total_cache_chunk_nums"])
+    comp = CompressConfig(budget=1, mix_lambda=float(KV["mix_lambda"]), kernel=int(KV["kernel_size"]),
+                          strategy="token" if str(KV["compress_strategy"]) == "token" else "group", min_shift=True,
+                          weighting=str(KV["score_weighting_method"]))
+    den = dataclasses.replace(den, steps_per_stage=den.num_steps // window, cache_chunks=total, compression=comp,
+                              query_granularity=str(KV["query_granularity"]),
+                              discard_duplicate=bool(KV[prefix + "_discard_nearly_clean_chunk"]))
+    table = magi_schedule(den.n_chunks, window, den.num_steps, VANILLA["t_schedule"])
+    policy = FlowCache(threshold=float(KV[prefix + "_thresh"]), warmup=int(KV[prefix + "_warmup"]))
+    sampler = Sampler(den, policy, table.window, 1, reencode_clean=False)
+    res = sampler.run(params, cond, table, jax.random.PRNGKey(0), progress=False, initial_noise=noise,
+                      record_stages=True)
+    return den, table, res
+
+
+@pytest.mark.skipif(not KV_RUNS, reason="this fixture folder has no e2e_flowcache_kv.npz")
+@pytest.mark.parametrize("prefix", KV_RUNS)
+def test_flowcache_with_kv_compression(prefix):
+    den, table, res = run_kv(prefix)
+    n = KV[prefix + "_decision"].shape[1]
+    np.testing.assert_array_equal(per_chunk(res, "reason", n, -1), KV[prefix + "_decision"])
+    events = int(KV[prefix + "_num_events"])
+    assert int(res.stage_reports[-1]["events"]) == events
+    stage_of_event = []
+    for s, rep in enumerate(res.stage_reports):
+        if int(rep["events"]) > len(stage_of_event):
+            stage_of_event.append(s)
+    for e, s in enumerate(stage_of_event):
+        pre = f"{prefix}_ev{e}_"
+        assert (s + 1) * table.steps_per_stage - 1 == int(KV[pre + "call"])  # after the stage's last call
+        idx = res.stage_reports[s]["last_idx"]  # [layers, G, B]
+        for layer in KV[pre + "layers"]:
+            ref = KV[pre + f"L{layer}_indices"]  # [B, G], topk order
+            assert int(KV[pre + f"L{layer}_budget"]) == idx.shape[-1]
+            np.testing.assert_array_equal(np.sort(idx[layer].T, 0), np.sort(ref, 0), err_msg=f"event {e} layer {layer}")
+    final = to_ncthw(res.video)
+    ref = KV[prefix + "_latent_final"]
+    assert np.abs(final - ref).max() / np.abs(ref).max() < 1e-4
+    # and compression really changed the result (vs the same run with compression off)
+    off = KV[prefix + "_nokv_latent_final"]
+    assert np.abs(final - off).max() / np.abs(off).max() > 10 * np.abs(final - ref).max() / np.abs(ref).max()
