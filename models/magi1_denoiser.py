@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowcache_jax.denoiser import ChunkOutput, SlotInfo
-from flowcache_jax.kv import compress as kvc
+from flowcache_jax.kv import buffer as kvbuf
 from flowcache_jax.kv.compress import CompressConfig
-from models.magi1 import Magi1Config, empty_buffer, forward_call, patchify
+from models.magi1 import Magi1Config, forward_call, patchify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,24 +56,11 @@ class Magi1Denoiser:
     def window(self) -> int:
         return self.num_steps // self.steps_per_stage
 
-    # ----- the fixed-shape KV buffer ---------------------------------------------------------------------
-    # Rows [0, B) hold the compressed history (before the first compression: chunks 0..b-1, B = b·ctn);
-    # chunks from b on live in a ring of ``window`` chunk slots after it, so nothing ever moves. Each row
-    # has an owner: a chunk id, -2 (compressed history, older than every active chunk) or -1 (empty).
     @property
-    def history_chunks(self) -> int:
-        """b: chunk slots before the ring (the compressed region when compression is on)."""
-        if self.cache_chunks is None:
-            return max(self.n_chunks - self.window, 0)
-        return self.cache_chunks - self.window
-
-    @property
-    def buffer_rows(self) -> int:
-        return (self.history_chunks + self.window) * self.tokens_per_chunk
-
-    def slot_start(self, chunk: jax.Array) -> jax.Array:
-        b, ctn = self.history_chunks, self.tokens_per_chunk
-        return jnp.where(chunk < b, chunk * ctn, b * ctn + ((chunk - b) % self.window) * ctn).astype(jnp.int32)
+    def layout(self) -> kvbuf.Layout:
+        """The fixed-shape buffer: b history chunk slots (compressed region) + a ring of ``window`` slots."""
+        b = max(self.n_chunks - self.window, 0) if self.cache_chunks is None else self.cache_chunks - self.window
+        return kvbuf.Layout(self.tokens_per_chunk, self.chunk_frames // self.cfg.t_patch_size, self.window, b)
 
     @property
     def query_rows(self) -> int:
@@ -86,13 +73,13 @@ class Magi1Denoiser:
     def init_kv(self, batch: int, window: int) -> dict:
         if batch != 1:
             raise ValueError("the MAGI-1 sampler runs one video at a time (batch=1)")
-        k, v = empty_buffer(self.cfg, self.buffer_rows)
-        kv = {"k": k, "v": v, "owner": jnp.full((self.buffer_rows,), -1, jnp.int32)}
+        c, lay = self.cfg, self.layout
+        buf = kvbuf.empty(lay, c.num_layers, c.num_query_groups, c.kv_channels, c.jdtype)
+        kv = {"buf": buf}
         if self.compression is not None:
-            c = self.cfg
-            b = self.history_chunks * self.tokens_per_chunk
-            kv.update(last_q=jnp.zeros((c.num_layers, self.query_rows, c.num_attention_heads, c.kv_channels), k.dtype),
-                      last_idx=jnp.zeros((c.num_layers, c.num_query_groups, b), jnp.int32),
+            q_shape = (c.num_layers, self.query_rows, c.num_attention_heads, c.kv_channels)
+            kv.update(last_q=jnp.zeros(q_shape, buf.k.dtype),
+                      last_idx=jnp.zeros((c.num_layers, c.num_query_groups, lay.history_rows), jnp.int32),
                       events=jnp.zeros((), jnp.int32))
         return kv
 
@@ -120,22 +107,16 @@ class Magi1Denoiser:
               chunk: jax.Array, first: jax.Array | None, write: bool, k: jax.Array) -> tuple[jax.Array, dict]:
         """One chunk forward at ``chunk``'s position; it sees buffer rows of chunks in [first, chunk) (none if
         ``first`` is None) plus itself, and writes its K/V into its slot when ``write``."""
-        ctn = self.tokens_per_chunk
-        owner = kv["owner"]
-        if first is None:
-            visible = jnp.zeros_like(owner, bool)
-        else:
-            visible = ((owner == -2) & (first == 0)) | ((owner >= first) & (owner < chunk))
+        ctn, buf = self.tokens_per_chunk, kv["buf"]
         kv_range = jnp.stack([chunk * ctn, (chunk + 1) * ctn])[None]
         interval = jnp.asarray(self.distill_intervals, jnp.float32)[k % len(self.distill_intervals)]
-        start = self.slot_start(chunk)
         nq = self.query_rows if self.compression is not None else 0
         vel, (bk, bv), inter = forward_call(
-            self.cfg, params, x[0], t[None], y[None], mask[None], kv_range, (kv["k"], kv["v"]), chunk, self.num_steps,
-            int(write), interval, self.key_tile, buffer_mask=visible, write_start=start, capture_queries=nq)
-        kv = dict(kv, k=bk, v=bv)
-        if write:
-            kv["owner"] = jax.lax.dynamic_update_slice_in_dim(owner, jnp.full((ctn,), chunk, jnp.int32), start, 0)
+            self.cfg, params, x[0], t[None], y[None], mask[None], kv_range, (buf.k, buf.v), chunk, self.num_steps,
+            int(write), interval, self.key_tile, buffer_mask=kvbuf.read_mask(buf, chunk, first),
+            write_start=self.layout.slot_start(chunk), capture_queries=nq)
+        buf = buf.replace(k=bk, v=bv)
+        kv = dict(kv, buf=kvbuf.mark_written(buf, self.layout, chunk) if write else buf)
         if nq:
             kv["last_q"] = inter["queries"].astype(kv["last_q"].dtype)  # the reference keeps the last forward's
         return vel[None], kv
@@ -168,32 +149,17 @@ class Magi1Denoiser:
 
     def end_stage(self, params: dict, kv: dict, finished: jax.Array, n_chunks: jax.Array) -> dict:
         """Compress when the reference does: a chunk of the ring finished and another one will enter its slot."""
-        b = self.history_chunks
-        if self.compression is None or b < 1:
+        lay = self.layout
+        if self.compression is None or lay.history_chunks < 1:
             return kv
         c = jnp.max(finished)
-        trigger = (c >= b) & (c + self.window < n_chunks)
-        return jax.lax.cond(trigger, lambda kv: self._compress(kv, c), lambda kv: kv, kv)
+        trigger = (c >= lay.history_chunks) & (c + self.window < n_chunks)
 
-    def _compress(self, kv: dict, chunk: jax.Array) -> dict:
-        """History rows [0, B) ++ the finished chunk's slot -> the top-B rows per layer and KV head."""
-        ctn, b = self.tokens_per_chunk, self.history_chunks * self.tokens_per_chunk
-        cfg = dataclasses.replace(self.compression, budget=b)
-        start = self.slot_start(chunk)
+        def compress(kv):
+            buf, idx = kvbuf.compact(kv["buf"], lay, c, kv["last_q"], self.compression)
+            return dict(kv, buf=buf, last_idx=idx, events=kv["events"] + 1)
 
-        def layer(_, xs):
-            k, v, q = xs
-            kc = jnp.concatenate([k[:b], jax.lax.dynamic_slice_in_dim(k, start, ctn)])
-            vc = jnp.concatenate([v[:b], jax.lax.dynamic_slice_in_dim(v, start, ctn)])
-            idx, _ = kvc.select(kvc.scores(q, kc, cfg)["final"], cfg)
-            return None, (kvc.gather(kc, idx), kvc.gather(vc, idx), idx)
-
-        _, (k_new, v_new, idx) = jax.lax.scan(layer, None, (kv["k"], kv["v"], kv["last_q"]))
-        owner = kv["owner"].at[:b].set(-2)
-        owner = jax.lax.dynamic_update_slice_in_dim(owner, jnp.full((ctn,), -1, jnp.int32), start, 0)
-        return dict(kv, k=kv["k"].at[:, :b].set(k_new.astype(kv["k"].dtype)),
-                    v=kv["v"].at[:, :b].set(v_new.astype(kv["v"].dtype)), owner=owner, last_idx=idx,
-                    events=kv["events"] + 1)
+        return jax.lax.cond(trigger, compress, lambda kv: kv, kv)
 
     def report(self, kv: dict) -> dict:
         """What a stage leaves behind for inspection: compression events and the last kept indices."""
