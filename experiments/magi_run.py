@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -35,6 +36,16 @@ def validate_magi(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"sampler.clean_t must be in (0, 1], got {s.clean_t}")
     if s.discard_duplicate not in (None, True, False):
         raise ConfigError(f"sampler.discard_duplicate must be true, false or unset, got {s.discard_duplicate!r}")
+    kv = cfg.kv
+    if kv.compress:
+        if kv.budget_chunks < s.window + 1:
+            raise ConfigError(f"kv.budget_chunks={kv.budget_chunks} must be >= sampler.window + 1 = {s.window + 1} "
+                              "(the window plus at least one chunk of compressed history)")
+        if s.semantics != "reference" or s.kv_range != "full":
+            raise ConfigError("kv.compress needs sampler.semantics=reference and sampler.kv_range=full (the "
+                              "compressed history is shared by every chunk, as in the FlowCache fork)")
+        if kv.query_granularity not in ("token", "frame", "chunk") or kv.kernel < 1 or not 0 <= kv.mix_lambda <= 1:
+            raise ConfigError("kv.query_granularity must be token/frame/chunk, kv.kernel >= 1, kv.mix_lambda in [0, 1]")
     if s.kv_range not in ("full", "official"):
         raise ConfigError(f"sampler.kv_range must be 'full' or 'official', got {s.kv_range!r}")
     if v.num_chunks < 1 or v.latent_height < 1 or v.latent_width < 1 or v.chunk_width < 1:
@@ -96,6 +107,7 @@ def load_captions(path: str, mcfg, n_chunks: int, params: dict) -> tuple[dict, s
 
 def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
     """The Magi1Denoiser of a config (shared by run, benchmark and flops)."""
+    from flowcache_jax.kv.compress import CompressConfig
     from flowcache_jax.schedules import magi_time_grid
     from models.magi1_denoiser import Magi1Denoiser, distill_interval_table, nearly_clean_step
 
@@ -108,6 +120,10 @@ def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
         nearly_clean_k=nearly_clean_step(grid), discard_duplicate=discard,
         noise2clean_kvrange=(5, 4, 3, 2) if s.kv_range == "official" else (),
         distill_intervals=tuple(distill_interval_table(s.num_steps, s.shortcut_mode, s.window)), key_tile=s.key_tile)
+    if cfg.kv.compress:
+        comp = CompressConfig(budget=1, mix_lambda=cfg.kv.mix_lambda, kernel=cfg.kv.kernel, min_shift=True)
+        den = dataclasses.replace(den, cache_chunks=cfg.kv.budget_chunks, compression=comp,
+                                  query_granularity=cfg.kv.query_granularity)
     return den, grid
 
 
@@ -135,4 +151,6 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
         raise ConfigError(str(e)) from e
     return Run(cfg=cfg, denoiser=den, params=params, cond=cond, table=table, sampler=sampler,
                notes={"caption": caption, "semantics": s.semantics, "dtype": mcfg.dtype,
+                      "kv_buffer": f"{den.layout.rows} rows ({'compressed, ' if cfg.kv.compress else ''}"
+                                   f"{den.layout.history_chunks} history + {den.window} window chunks)",
                       "duplicate": "discarded" if den.discard_duplicate else "run and blended 0.7/0.3"})

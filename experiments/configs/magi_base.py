@@ -21,6 +21,10 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
         discard_duplicate=None,  # None: follow semantics; true/false overrides (the fork's thr0dup / Physics-IQ runs)
         kv_range="full",  # "full" history (FlowCache config) or "official" per-stage ranges [5, 4, 3, 2]
         key_tile=2048))  # keys per attention tile: bounds the score block to [heads, 12150, 2048]
+    c.kv = ml_collections.ConfigDict(dict(
+        compress=False,  # FlowCache's KV compression: a fixed buffer of budget_chunks chunks (spec flowcache §4.2)
+        budget_chunks=5,  # total_cache_chunk_nums as shipped: window + compressed history (here 1 chunk)
+        mix_lambda=0.07, kernel=7, query_granularity="frame"))
     c.policy = ml_collections.ConfigDict(dict(
         name=policy, threshold=threshold, warmup=5, coeffs=(), reuse="displacement", metric_dtype="float32"))
     return c
