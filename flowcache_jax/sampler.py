@@ -225,6 +225,12 @@ class Sampler:
         return out
 
     # ----- host loop -------------------------------------------------------------------------------
+    def compiled_temp_bytes(self, table: ScheduleTable) -> int:
+        """XLA's temporary-buffer size of the compiled stage function (0 where the backend reports none)."""
+        exe = self._compiled.get((table.steps_per_stage, table.window))
+        mem = exe.memory_analysis() if exe is not None else None
+        return int(getattr(mem, "temp_size_in_bytes", 0) or 0)
+
     def compile(self, params: Any, cond: Any, state: SamplerState, table: ScheduleTable) -> float:
         """AOT-compile the stage function once (shapes do not depend on the stage or video length)."""
         if table.window != self.window:
@@ -239,8 +245,10 @@ class Sampler:
         return time.perf_counter() - t0
 
     def run(self, params: Any, cond: Any, table: ScheduleTable, key: jax.Array, progress: bool = True,
-            initial_noise: np.ndarray | None = None, record_stages: bool = False) -> RunResult:
-        """Generate a video. ``initial_noise`` [B, n_chunks, *chunk_shape] replaces the seeded noise."""
+            initial_noise: np.ndarray | None = None, record_stages: bool = False,
+            on_stage: Any = None) -> RunResult:
+        """Generate a video. ``initial_noise`` [B, n_chunks, *chunk_shape] replaces the seeded noise;
+        ``on_stage(stage, state)`` is called after every stage (inspection, memory sampling)."""
         limit = getattr(self.denoiser, "n_chunks", None)
         if limit is not None and table.n_chunks > limit:
             raise ValueError(f"the schedule has {table.n_chunks} chunks but the denoiser's KV buffer holds {limit}")
@@ -267,6 +275,8 @@ class Sampler:
                 video[:, table.enter[s][r]] = noise[r]
             state, rec = compiled(params, cond, state, table.stage(s), noise)
             recs.append(rec)
+            if on_stage is not None:
+                on_stage(s, state)
             fin = table.finish[s]
             if (fin >= 0).any() or record_stages:
                 lat = np.asarray(state.latents)

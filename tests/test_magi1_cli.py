@@ -78,3 +78,18 @@ def test_caption_file_is_used_and_checked(ckpt, tmp_path):
         p = cli("run.py", "--config=magi_vanilla", f"--config.checkpoint={ckpt}", f"--config.caption_file={cap}",
                 *SMALL, f"--output_dir={tmp_path / 'b'}")
         assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr
+
+
+def test_memory_is_bounded_with_compression(ckpt, tmp_path):
+    out = tmp_path / "memory.json"
+    p = cli("memory.py", "--config=magi_fast", f"--config.checkpoint={ckpt}", "--config.video.latent_height=8",
+            "--config.video.latent_width=8", "--config.sampler.num_steps=8", "--num_chunks=4,16",
+            f"--output_json={out}")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    by = {(x["compression"], x["num_chunks"]): x for x in r["runs"]}
+    assert by[(True, 16)]["kv_bytes"] == by[(True, 4)]["kv_bytes"]
+    assert by[(True, 16)]["peak_bytes"] <= 1.05 * by[(True, 4)]["peak_bytes"]
+    assert by[(False, 16)]["kv_bytes"] == 4 * by[(False, 4)]["kv_bytes"]
+    assert by[(False, 16)]["peak_bytes"] > by[(False, 4)]["peak_bytes"]
+    assert abs(r["full_size_estimate"]["kv_gb_full_history"] - 16.9) < 0.1  # spec/magi1.md §5.5
