@@ -172,7 +172,7 @@ def test_official_key_ranges():
     assert int(den._kv_start(jnp.int32(5), jnp.int32(0))) == 0  # full history
 
 
-KV = dict(np.load(FIXTURE / "e2e_flowcache_kv.npz")) if (FIXTURE / "e2e_flowcache_kv.npz").exists() else {}
+KV = dict(np.load(FIXTURE / "e2e_flowcache_kv.npz"))
 KV_RUNS = sorted(k[: -len("_decision")] for k in KV if k.endswith("_decision"))
 
 
@@ -197,7 +197,6 @@ def run_kv(prefix: str):
     return den, table, res
 
 
-@pytest.mark.skipif(not KV_RUNS, reason="this fixture folder has no e2e_flowcache_kv.npz")
 @pytest.mark.parametrize("prefix", KV_RUNS)
 def test_flowcache_with_kv_compression(prefix):
     den, table, res = run_kv(prefix)
