@@ -222,3 +222,61 @@ def test_flowcache_with_kv_compression(prefix):
     # and compression really changed the result (vs the same run with compression off)
     off = KV[prefix + "_nokv_latent_final"]
     assert np.abs(final - off).max() / np.abs(off).max() > 10 * np.abs(final - ref).max() / np.abs(ref).max()
+
+
+def simulate_tracker(den, table, res):
+    """The fork's chunk -> row-range bookkeeping, replayed from our run (its registrations, our kept indices).
+
+    Yields per event the integer arrays the fixture records, computed from our schedule and compressions.
+    """
+    ctn = den.tokens_per_chunk
+    flat_chunk = table.chunk.reshape(-1, table.window)[table.step_valid.reshape(-1)]
+    flat_active = table.active.reshape(-1, table.window)[table.step_valid.reshape(-1)]
+    ranges, next_free, events = {}, 0, []
+    n_events = 0
+    for s, rep in enumerate(res.stage_reports):
+        for c in table.enter[s][table.enter[s] >= 0]:
+            ranges[int(c)], next_free = (next_free, next_free + ctn), next_free + ctn
+        if int(rep["events"]) == n_events:
+            continue
+        n_events += 1
+        call = (s + 1) * table.steps_per_stage - 1
+        order = list(ranges)
+        done = {c: int((flat_active[: call + 1] & (flat_chunk[: call + 1] == c)).sum()) for c in order}
+        finished = max(c for c in order if done[c] == den.num_steps)
+        clean = [c for c in order if c <= finished]
+        active = [c for c in order if c > finished]
+        computed = np.argwhere(res.decisions[: call + 1] == 1)
+        g, j = computed[-1]  # the last chunk forward before the trigger: its queries were scored
+        ev = {"call": call, "chunk_start": int(flat_chunk[call][flat_active[call]].min()), "order_before": order,
+              "ranges_before": [ranges[c] for c in order], "next_free_before": next_free,
+              "query_src_call_chunk": [int(g), int(res.chunk[g, j])], "denoise_count": [done[c] for c in order],
+              "layers": list(range(den.cfg.num_layers))}
+        offsets = np.cumsum([0] + [ranges[c][1] - ranges[c][0] for c in clean])
+        budget = int(rep["last_idx"].shape[-1])
+        for layer in range(den.cfg.num_layers):
+            head0 = np.asarray(rep["last_idx"][layer, 0])
+            ev[f"L{layer}_clean"], ev[f"L{layer}_active"] = clean, active
+            ev[f"L{layer}_budget"], ev[f"L{layer}_clean_tokens"] = budget, int(offsets[-1])
+            ev[f"L{layer}_lengths"] = [int(((head0 >= a) & (head0 < b)).sum())
+                                       for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        lengths0 = np.cumsum([0] + ev["L0_lengths"])
+        ranges = {c: (int(lengths0[i]), int(lengths0[i + 1])) for i, c in enumerate(clean)}
+        next_free = budget
+        for c in active:
+            ranges[c], next_free = (next_free, next_free + ctn), next_free + ctn
+        ev["ranges_after"], ev["next_free_after"] = [ranges[c] for c in order], next_free
+        events.append(ev)
+    return events
+
+
+@pytest.mark.parametrize("prefix", KV_RUNS)
+def test_kv_compression_bookkeeping(prefix):
+    """Every integer array of every trigger: registrations, ranges, query source, kept counts per chunk."""
+    den, table, res = run_kv(prefix)
+    events = simulate_tracker(den, table, res)
+    assert len(events) == int(KV[prefix + "_num_events"])
+    for e, ev in enumerate(events):
+        for key, ours in ev.items():
+            ref = KV[f"{prefix}_ev{e}_{key}"]
+            np.testing.assert_array_equal(np.asarray(ours).reshape(ref.shape), ref, err_msg=f"event {e} {key}")
