@@ -240,7 +240,11 @@ class Sampler:
             return 0.0
         t0 = time.perf_counter()
         noise = jax.ShapeDtypeStruct((self.window, self.batch, *self.denoiser.chunk_shape), jnp.float32)
-        self._compiled[shape] = jax.jit(self._stage).lower(params, cond, state, table.stage(0), noise).compile()
+        # The state (latents, caches, KV buffer) is donated so that accelerators update it in place; the CPU
+        # backend cannot use donated buffers and would only warn.
+        donate = () if jax.default_backend() == "cpu" else (2,)
+        self._compiled[shape] = jax.jit(self._stage, donate_argnums=donate).lower(
+            params, cond, state, table.stage(0), noise).compile()
         jax.block_until_ready(self._noise(jax.random.PRNGKey(0)))  # compile the noise sampler here too
         return time.perf_counter() - t0
 

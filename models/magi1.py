@@ -238,7 +238,10 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
         key_mask = jnp.concatenate([buffer_mask.astype(bool), jnp.zeros((s,), bool)])
 
     def layer(h, inputs):
-        lp, bk, bv = inputs
+        # The buffer is only read inside the layer loop; the new rows leave it as small per-layer outputs and
+        # are written once afterwards, so the whole buffer is never copied (it can be updated in place).
+        lp, li = inputs
+        bk, bv = buffer[0][li], buffer[1][li]
         gates = jnp.tanh(dense(jax.nn.silu(cond.astype(jnp.float32)).astype(dt_), lp["gate"]).astype(jnp.float32))
         gates = gates.astype(dt_)
         g_attn, g_mlp = gates[:, :d][cmap], gates[:, d:][cmap]
@@ -268,12 +271,15 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
         pn = lp["mlp_post_norm"]
         h = (h.astype(jnp.float32) + layer_norm(m.astype(jnp.float32) * g_mlp.astype(jnp.float32), pn["scale"],
                                                 pn["bias"], eps, one_p)).astype(dt_)
-        if n_write:
-            bk = jax.lax.dynamic_update_slice_in_dim(bk, k[:n_write].astype(bk.dtype), w0, 0)
-            bv = jax.lax.dynamic_update_slice_in_dim(bv, v[:n_write].astype(bv.dtype), w0, 0)
-        return h, (bk, bv, h if with_intermediates else None, q[s - capture_queries:] if capture_queries else None)
+        return h, (k[:n_write], v[:n_write], h if with_intermediates else None,
+                   q[s - capture_queries:] if capture_queries else None)
 
-    h, (new_k, new_v, layer_outs, queries) = jax.lax.scan(layer, h, (p["layers"], buffer[0], buffer[1]))
+    h, (rows_k, rows_v, layer_outs, queries) = jax.lax.scan(layer, h, (p["layers"], jnp.arange(cfg.num_layers)))
+    new_k, new_v = buffer
+    if n_write:
+        zero = jnp.int32(0)
+        new_k = jax.lax.dynamic_update_slice(new_k, rows_k.astype(new_k.dtype), (zero, w0, zero, zero))
+        new_v = jax.lax.dynamic_update_slice(new_v, rows_v.astype(new_v.dtype), (zero, w0, zero, zero))
     hf = layer_norm(h.astype(jnp.float32), p["final_norm"]["scale"], p["final_norm"]["bias"], eps, one_p)
     out = dense(hf, p["final"], jnp.float32)
     vel = unpatchify(cfg, out, tt, hh, ww) / cfg.x_rescale_factor
