@@ -1,0 +1,199 @@
+"""SkyReels-V2 diffusion-forcing DiT (Wan 2.1 architecture) in JAX, with a Flax NNX module around it.
+
+One forward denoises a window of latent frames, each frame at its own integer timestep (spec
+skyreels_v2.md §2): per-frame 6-way adaLN from a learned table plus the time projection (and the fps
+term of DF-1.3B), QK RMSNorm over the whole width, interleaved 3-D RoPE, self-attention that is full or
+block-causal by frame blocks, cross-attention to the text without mask, GELU(tanh) FFN, per-frame head.
+Parameters are a nested dict whose per-block leaves are stacked on a leading layer axis (one scan).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.layers import dense, layer_norm, range_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class SkyReelsConfig:
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    freq_dim: int = 256
+    text_dim: int = 4096
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    inject_sample_info: bool = True  # the fps embedding of DF-1.3B
+    dtype: str = "float32"
+
+    @classmethod
+    def from_upstream(cls, config: dict, dtype: str = "float32") -> SkyReelsConfig:
+        """From a WanModel kwargs dict (upstream ``config.json``); fields it leaves out keep the code defaults."""
+        if config.get("model_type", "t2v") != "t2v":
+            raise ValueError(f"model_type {config.get('model_type')!r} is not supported; only t2v")
+        if not config.get("qk_norm", True) or not config.get("cross_attn_norm", True):
+            raise ValueError("qk_norm and cross_attn_norm must be true (as in every released SkyReels-V2 model)")
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
+        kw = {k: v for k, v in config.items() if k in names}
+        if "patch_size" in kw:
+            kw["patch_size"] = tuple(kw["patch_size"])
+        return cls(**kw, dtype=dtype)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_dim * math.prod(self.patch_size)
+
+
+def param_shapes(cfg: SkyReelsConfig) -> dict:
+    d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_dim
+    lin = lambda i, o: {"kernel": (i, o), "bias": (o,)}  # noqa: E731
+    attn = lambda kv_in: {"q": lin(d, d), "k": lin(kv_in, d), "v": lin(kv_in, d), "o": lin(d, d),  # noqa: E731
+                          "norm_q": {"scale": (d,)}, "norm_k": {"scale": (d,)}}
+    layer = {"modulation": (6, d), "self_attn": attn(d), "norm3": {"scale": (d,), "bias": (d,)},
+             "cross_attn": attn(d), "ffn": {"fc1": lin(d, f), "fc2": lin(f, d)}}
+    out = {
+        "patch": lin(cfg.patch_dim, d), "text": {"fc1": lin(t, d), "fc2": lin(d, d)},
+        "time": {"fc1": lin(cfg.freq_dim, d), "fc2": lin(d, d)}, "time_proj": lin(d, 6 * d),
+        "layers": jax.tree.map(lambda s: (cfg.num_layers, *s), layer, is_leaf=lambda x: isinstance(x, tuple)),
+        "head": {"modulation": (2, d), **lin(d, cfg.out_dim * math.prod(cfg.patch_size))},
+    }
+    if cfg.inject_sample_info:
+        out["fps_embedding"] = (2, d)
+        out["fps_proj"] = {"fc1": lin(d, d), "fc2": lin(d, 6 * d)}
+    return out
+
+
+def init_params(cfg: SkyReelsConfig, key: jax.Array) -> dict:
+    leaves, tree = jax.tree.flatten(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [jax.random.normal(k, s) * 0.02 for k, s in zip(keys, leaves, strict=True)])
+
+
+def timestep_table(freq_dim: int, max_t: int = 1000) -> np.ndarray:
+    """[cos, sin] sinusoids of every integer timestep, computed in float64 as upstream and rounded once."""
+    half = freq_dim // 2
+    s = np.outer(np.arange(max_t + 1, dtype=np.float64), 10000.0 ** (-np.arange(half, dtype=np.float64) / half))
+    return np.concatenate([np.cos(s), np.sin(s)], 1).astype(np.float32)
+
+
+def rope_tables(head_dim: int, frames: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin) [frames·h·w, head_dim/2] of the interleaved 3-D RoPE, axes split c-2(c//3) / c//3 / c//3."""
+    d = head_dim
+    dims = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
+    freqs = [1.0 / 10000.0 ** (np.arange(0, a, 2, dtype=np.float64) / a) for a in dims]
+    grid = np.stack(np.meshgrid(np.arange(frames), np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 3)
+    ang = np.concatenate([np.outer(grid[:, i], freqs[i]) for i in range(3)], 1).astype(np.float32)
+    return np.cos(ang), np.sin(ang)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Adjacent pairs (2i, 2i+1) as complex numbers rotated by the token's angles; x [L, heads, d]."""
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    a, b = xf[..., 0], xf[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return jnp.stack([a * c - b * s, a * s + b * c], -1).reshape(x.shape).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps) * scale).astype(x.dtype)
+
+
+def forward(cfg: SkyReelsConfig, p: dict, x: jax.Array, t: jax.Array, context: jax.Array, fps: int | jax.Array,
+            causal_block_size: int = 0, key_tile: int = 4096, with_intermediates: bool = False) -> tuple:
+    """Velocity [C, F, H, W] of one window; ``t`` [F] integer timesteps; ``causal_block_size`` 0 = full attention."""
+    c, frames, hh, ww = x.shape
+    pt, ph, pw = cfg.patch_size
+    fp, hp, wp = frames // pt, hh // ph, ww // pw
+    hw, n = hp * wp, fp * hp * wp
+    d, heads, hd, eps = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.eps
+    dt_ = jnp.dtype(cfg.dtype)
+
+    tok = x.astype(jnp.float32).reshape(c, fp, pt, hp, ph, wp, pw).transpose(1, 3, 5, 0, 2, 4, 6).reshape(n, -1)
+    h = dense(tok, p["patch"], jnp.float32)
+    ctx = dense(jax.nn.gelu(dense(context.astype(jnp.float32), p["text"]["fc1"], jnp.float32), approximate=True),
+                p["text"]["fc2"], jnp.float32).astype(dt_)
+    sinus = jnp.asarray(timestep_table(cfg.freq_dim))[jnp.asarray(t, jnp.int32)]
+    e = dense(jax.nn.silu(dense(sinus, p["time"]["fc1"], jnp.float32)), p["time"]["fc2"], jnp.float32)  # [F, D]
+    proj = dense(jax.nn.silu(e), p["time_proj"], jnp.float32)
+    e0 = proj.reshape(fp, 6, d)
+    if cfg.inject_sample_info:
+        fe = p["fps_embedding"][jnp.asarray(fps, jnp.int32)].astype(jnp.float32)
+        fe = dense(jax.nn.silu(dense(fe, p["fps_proj"]["fc1"], jnp.float32)), p["fps_proj"]["fc2"], jnp.float32)
+        e0 = e0 + fe.reshape(6, d)
+    cos, sin = (jnp.asarray(a) for a in rope_tables(hd, fp, hp, wp))
+    frame_of = jnp.arange(n) // hw
+    if causal_block_size:
+        end = (frame_of // causal_block_size + 1) * causal_block_size * hw
+    else:
+        end = jnp.full((n,), n)
+    ranges = jnp.stack([jnp.zeros_like(end), end], -1)[:, None, :]
+
+    def per_frame(v: jax.Array) -> jax.Array:  # [F, D] -> [N, D] by each token's frame
+        return v[frame_of]
+
+    def block(h, lp):
+        m = lp["modulation"].astype(jnp.float32) + e0  # [F, 6, D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (per_frame(m[:, i]) for i in range(6))
+        ones, zeros = jnp.ones((d,)), jnp.zeros((d,))
+        y = (layer_norm(h, ones, zeros, eps) * (1 + scale1) + shift1).astype(dt_)
+        sa = lp["self_attn"]
+        q = apply_rope(rms_norm(dense(y, sa["q"]), sa["norm_q"]["scale"], eps).reshape(n, heads, hd), cos, sin)
+        k = apply_rope(rms_norm(dense(y, sa["k"]), sa["norm_k"]["scale"], eps).reshape(n, heads, hd), cos, sin)
+        v = dense(y, sa["v"]).reshape(n, heads, hd)
+        o = dense(range_attention(q, k, v, ranges, key_tile).reshape(n, d), sa["o"])
+        h = h + o.astype(jnp.float32) * gate1
+        xn = layer_norm(h, lp["norm3"]["scale"], lp["norm3"]["bias"], eps).astype(dt_)
+        ca = lp["cross_attn"]
+        qx = rms_norm(dense(xn, ca["q"]), ca["norm_q"]["scale"], eps).reshape(n, heads, hd)
+        kx = rms_norm(dense(ctx, ca["k"]), ca["norm_k"]["scale"], eps).reshape(-1, heads, hd)
+        vx = dense(ctx, ca["v"]).reshape(-1, heads, hd)
+        all_keys = jnp.broadcast_to(jnp.asarray([0, kx.shape[0]], jnp.int32), (n, 1, 2))
+        h = h + dense(range_attention(qx, kx, vx, all_keys, key_tile).reshape(n, d), ca["o"]).astype(jnp.float32)
+        y = (layer_norm(h, ones, zeros, eps) * (1 + scale2) + shift2).astype(dt_)
+        f = lp["ffn"]
+        y = dense(jax.nn.gelu(dense(y, f["fc1"]).astype(jnp.float32), approximate=True).astype(dt_), f["fc2"])
+        h = h + y.astype(jnp.float32) * gate2
+        return h, h if with_intermediates else None
+
+    h, outs = jax.lax.scan(block, h, p["layers"])
+    hm = p["head"]["modulation"].astype(jnp.float32)
+    shift, scale = per_frame(hm[0] + e), per_frame(hm[1] + e)
+    y = layer_norm(h, jnp.ones((d,)), jnp.zeros((d,)), eps) * (1 + scale) + shift
+    head = dense(y, {"kernel": p["head"]["kernel"], "bias": p["head"]["bias"]}, jnp.float32)
+    out = head.reshape(fp, hp, wp, pt, ph, pw, cfg.out_dim).transpose(6, 0, 3, 1, 4, 2, 5).reshape(cfg.out_dim, frames,
+                                                                                                    hh, ww)
+    inter = None
+    if with_intermediates:
+        inter = {"patch_embed": dense(tok, p["patch"], jnp.float32), "text_embed": ctx,
+                 "time_embed": e, "time_proj": proj, "blocks": outs, "head": head}
+    return out, inter
+
+
+class SkyReelsDiT(nnx.Module):
+    """The SkyReels-V2 DiT as an NNX module: parameters as ``nnx.Param`` leaves of the layout above."""
+
+    def __init__(self, cfg: SkyReelsConfig, params: dict | None = None, *, rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        if params is None:
+            params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
+        self.params = nnx.data(jax.tree.map(nnx.Param, params))
+
+    def param_dict(self) -> dict:
+        return jax.tree.map(lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+    def __call__(self, x, t, context, fps, causal_block_size: int = 0):
+        return forward(self.cfg, self.param_dict(), x, t, context, fps, causal_block_size)[0]
