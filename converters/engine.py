@@ -80,10 +80,13 @@ def convert(reader: Any, rules: tuple[Rule, ...], transforms: Mapping[str, Trans
     problems += [f"unexpected key {k}" for k in extra]
     if problems:
         shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
+        partial = any("for layers" in p and "for layers 0-" not in p for p in problems)
         hint = ("\n(shapes or layer counts differ from the model config: pass the config the weights belong to "
-                "with --model_config)" if any("expected" in p or "for layers" in p for p in problems) else "")
-        raise CheckpointError(f"{len(problems)} problem(s) converting the checkpoint:\n  " + "\n  ".join(shown)
+                "with --model_config)" if partial or any("expected" in p for p in problems) else "")
+        err = CheckpointError(f"{len(problems)} problem(s) converting the checkpoint:\n  " + "\n  ".join(shown)
                               + hint)
+        err.problems = problems
+        raise err
     return out
 
 

@@ -8,12 +8,17 @@ from pathlib import Path
 from converters.safetensors_io import CheckpointError
 
 
-def read_model_config(path: str | None) -> dict:
-    """The ``model_config`` dict of an upstream config file; None gives the released 4.5B-distill config."""
-    from models.magi1 import MAGI1_4P5B_DISTILL
-
+def read_model_config(path: str | None, model: str = "magi1") -> dict:
+    """The model config of an upstream config file (MAGI: its ``model_config`` section; SkyReels: the WanModel
+    kwargs, ``_``-prefixed keys dropped); None gives the released model's config."""
     if path is None:
-        return dict(MAGI1_4P5B_DISTILL)
+        if model == "magi1":
+            from models.magi1 import MAGI1_4P5B_DISTILL
+
+            return dict(MAGI1_4P5B_DISTILL)
+        from models.skyreels_v2 import SKYREELS_DF_1P3B
+
+        return dict(SKYREELS_DF_1P3B)
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"--model_config {p} does not exist")
@@ -24,4 +29,4 @@ def read_model_config(path: str | None) -> dict:
     d = d.get("model_config", d) if isinstance(d, dict) else d
     if not isinstance(d, dict):
         raise CheckpointError(f"--model_config {p} must hold a JSON object (an upstream config)")
-    return d
+    return {k: v for k, v in d.items() if not k.startswith("_")}

@@ -19,6 +19,10 @@ from flax import nnx
 
 from models.layers import dense, layer_norm, range_attention
 
+# The released SkyReels-V2-DF-1.3B WanModel config (keys its loader ignores take the code defaults), spec §3.1.
+SKYREELS_DF_1P3B = dict(model_type="t2v", dim=1536, ffn_dim=8960, freq_dim=256, in_dim=16, out_dim=16, num_heads=12,
+                        num_layers=30, text_len=512, eps=1e-6, inject_sample_info=True)
+
 
 @dataclasses.dataclass(frozen=True)
 class SkyReelsConfig:

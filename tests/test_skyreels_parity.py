@@ -66,3 +66,27 @@ def test_nnx_module(model):
     block = int(a["causal_block_size"]) if bool(a["causal_attention"]) else 0
     out = SkyReelsDiT(cfg, params)(a["x"][0], a["t"][0], a["context"][0], int(a["fps"][0]), block)
     np.testing.assert_allclose(out, a["out"][0], **TOL)
+
+
+def test_converter_cli_both_formats(tmp_path, model):
+    from flowcache_jax import checkpoint
+    from tests.test_converter import convert
+
+    cfg, params = model
+    outs = {}
+    for fmt, name in (("original", "weights.safetensors"), ("diffusers", "weights_diffusers.safetensors")):
+        p = convert("--model=skyreels_v2", f"--format={fmt}", f"--src={FIXTURE / name}", f"--dst={tmp_path / fmt}",
+                    f"--model_config={FIXTURE / 'config.json'}")
+        assert p.returncode == 0, p.stderr
+        outs[fmt], meta = checkpoint.load(tmp_path / fmt)
+        assert meta["model"] == "skyreels_v2" and meta["format"] == fmt
+    jax.tree.map(np.testing.assert_array_equal, outs["original"], outs["diffusers"])
+    a = dict(np.load(FIXTURE / f"{CASES[0]}.npz"))
+    block = int(a["causal_block_size"]) if bool(a["causal_attention"]) else 0
+    out, _ = forward(cfg, jax.tree.map(jnp.asarray, outs["diffusers"]), a["x"][0], a["t"][0], a["context"][0],
+                     int(a["fps"][0]), block)
+    np.testing.assert_allclose(out, a["out"][0], **TOL)
+    # diffusers names read as the original layout: every problem listed, and the hint
+    p = convert("--model=skyreels_v2", f"--src={FIXTURE / 'weights_diffusers.safetensors'}",
+                f"--dst={tmp_path / 'bad'}", f"--model_config={FIXTURE / 'config.json'}")
+    assert p.returncode == 2 and "--format=diffusers" in p.stderr and "Traceback" not in p.stderr
