@@ -116,49 +116,61 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps) * scale).astype(x.dtype)
 
 
-def forward(cfg: SkyReelsConfig, p: dict, x: jax.Array, t: jax.Array, context: jax.Array, fps: int | jax.Array,
-            causal_block_size: int = 0, key_tile: int = 4096, with_intermediates: bool = False) -> tuple:
-    """Velocity [C, F, H, W] of one window; ``t`` [F] integer timesteps; ``causal_block_size`` 0 = full attention."""
+def patchify(cfg: SkyReelsConfig, x: jax.Array) -> jax.Array:
+    """[C, F, H, W] -> [F'·H'·W', C·pt·ph·pw] tokens in (f, h, w) order, patch flattened as (c, kt, kh, kw)."""
     c, frames, hh, ww = x.shape
     pt, ph, pw = cfg.patch_size
     fp, hp, wp = frames // pt, hh // ph, ww // pw
-    hw, n = hp * wp, fp * hp * wp
-    d, heads, hd, eps = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.eps
-    dt_ = jnp.dtype(cfg.dtype)
+    return x.astype(jnp.float32).reshape(c, fp, pt, hp, ph, wp, pw).transpose(1, 3, 5, 0, 2, 4, 6).reshape(
+        fp * hp * wp, -1)
 
-    tok = x.astype(jnp.float32).reshape(c, fp, pt, hp, ph, wp, pw).transpose(1, 3, 5, 0, 2, 4, 6).reshape(n, -1)
-    h = dense(tok, p["patch"], jnp.float32)
+
+def conditions(cfg: SkyReelsConfig, p: dict, t: jax.Array, context: jax.Array, fps: int | jax.Array) -> dict:
+    """Text keys' source ``ctx``, per-frame time embedding ``e`` [F, D] and modulation ``e0`` [F, 6, D]."""
+    d = cfg.dim
     ctx = dense(jax.nn.gelu(dense(context.astype(jnp.float32), p["text"]["fc1"], jnp.float32), approximate=True),
-                p["text"]["fc2"], jnp.float32).astype(dt_)
+                p["text"]["fc2"], jnp.float32).astype(jnp.dtype(cfg.dtype))
     sinus = jnp.asarray(timestep_table(cfg.freq_dim))[jnp.asarray(t, jnp.int32)]
-    e = dense(jax.nn.silu(dense(sinus, p["time"]["fc1"], jnp.float32)), p["time"]["fc2"], jnp.float32)  # [F, D]
+    e = dense(jax.nn.silu(dense(sinus, p["time"]["fc1"], jnp.float32)), p["time"]["fc2"], jnp.float32)
     proj = dense(jax.nn.silu(e), p["time_proj"], jnp.float32)
-    e0 = proj.reshape(fp, 6, d)
+    e0 = proj.reshape(-1, 6, d)
     if cfg.inject_sample_info:
         fe = p["fps_embedding"][jnp.asarray(fps, jnp.int32)].astype(jnp.float32)
         fe = dense(jax.nn.silu(dense(fe, p["fps_proj"]["fc1"], jnp.float32)), p["fps_proj"]["fc2"], jnp.float32)
         e0 = e0 + fe.reshape(6, d)
-    cos, sin = (jnp.asarray(a) for a in rope_tables(hd, fp, hp, wp))
-    frame_of = jnp.arange(n) // hw
-    if causal_block_size:
-        end = (frame_of // causal_block_size + 1) * causal_block_size * hw
-    else:
-        end = jnp.full((n,), n)
-    ranges = jnp.stack([jnp.zeros_like(end), end], -1)[:, None, :]
+    return {"ctx": ctx, "e": e, "e0": e0, "time_proj": proj}
 
-    def per_frame(v: jax.Array) -> jax.Array:  # [F, D] -> [N, D] by each token's frame
-        return v[frame_of]
 
-    def block(h, lp):
+def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_of: jax.Array, ctx: jax.Array,
+               cos: jax.Array, sin: jax.Array, ranges: jax.Array, key_tile: int = 4096,
+               kv: tuple[jax.Array, jax.Array] | None = None, write_start: jax.Array | None = None,
+               with_intermediates: bool = False) -> tuple:
+    """The transformer blocks on tokens ``h`` [n, D] (frame of each token: ``frame_of`` into ``e0``).
+
+    Without ``kv`` self-attention sees the call's own tokens within ``ranges``. With a K/V buffer
+    [layers, rows, heads, hd] the tokens' K/V are written at ``write_start`` first and the ranges index the
+    buffer: FlowCache's per-group forward, where a group sees the (possibly stale) slots of earlier groups.
+    """
+    n, d = h.shape
+    heads, hd, eps = cfg.num_heads, cfg.head_dim, cfg.eps
+    dt_ = jnp.dtype(cfg.dtype)
+    ones, zeros = jnp.ones((d,)), jnp.zeros((d,))
+
+    def block(h, inputs):
+        lp, li = inputs
         m = lp["modulation"].astype(jnp.float32) + e0  # [F, 6, D]
-        shift1, scale1, gate1, shift2, scale2, gate2 = (per_frame(m[:, i]) for i in range(6))
-        ones, zeros = jnp.ones((d,)), jnp.zeros((d,))
+        shift1, scale1, gate1, shift2, scale2, gate2 = (m[:, i][frame_of] for i in range(6))
         y = (layer_norm(h, ones, zeros, eps) * (1 + scale1) + shift1).astype(dt_)
         sa = lp["self_attn"]
         q = apply_rope(rms_norm(dense(y, sa["q"]), sa["norm_q"]["scale"], eps).reshape(n, heads, hd), cos, sin)
         k = apply_rope(rms_norm(dense(y, sa["k"]), sa["norm_k"]["scale"], eps).reshape(n, heads, hd), cos, sin)
         v = dense(y, sa["v"]).reshape(n, heads, hd)
-        o = dense(range_attention(q, k, v, ranges, key_tile).reshape(n, d), sa["o"])
+        if kv is None:
+            keys, values = k, v
+        else:
+            keys = jax.lax.dynamic_update_slice_in_dim(kv[0][li], k.astype(kv[0].dtype), write_start, 0)
+            values = jax.lax.dynamic_update_slice_in_dim(kv[1][li], v.astype(kv[1].dtype), write_start, 0)
+        o = dense(range_attention(q, keys, values, ranges, key_tile).reshape(n, d), sa["o"])
         h = h + o.astype(jnp.float32) * gate1
         xn = layer_norm(h, lp["norm3"]["scale"], lp["norm3"]["bias"], eps).astype(dt_)
         ca = lp["cross_attn"]
@@ -171,19 +183,57 @@ def forward(cfg: SkyReelsConfig, p: dict, x: jax.Array, t: jax.Array, context: j
         f = lp["ffn"]
         y = dense(jax.nn.gelu(dense(y, f["fc1"]).astype(jnp.float32), approximate=True).astype(dt_), f["fc2"])
         h = h + y.astype(jnp.float32) * gate2
-        return h, h if with_intermediates else None
+        return h, (h if with_intermediates else None, k if kv is not None else None, v if kv is not None else None)
 
-    h, outs = jax.lax.scan(block, h, p["layers"])
+    h, (outs, ks, vs) = jax.lax.scan(block, h, (p["layers"], jnp.arange(cfg.num_layers)))
+    if kv is not None:  # the tokens' K/V go into the buffer once, after the layer loop
+        zero = jnp.int32(0)
+        kv = (jax.lax.dynamic_update_slice(kv[0], ks.astype(kv[0].dtype), (zero, write_start, zero, zero)),
+              jax.lax.dynamic_update_slice(kv[1], vs.astype(kv[1].dtype), (zero, write_start, zero, zero)))
+    return h, kv, outs
+
+
+def head(cfg: SkyReelsConfig, p: dict, h: jax.Array, e: jax.Array, frame_of: jax.Array) -> jax.Array:
+    """Per-frame shift/scale from the raw time embedding, then the output projection: [n, out·pt·ph·pw]."""
+    d = cfg.dim
     hm = p["head"]["modulation"].astype(jnp.float32)
-    shift, scale = per_frame(hm[0] + e), per_frame(hm[1] + e)
-    y = layer_norm(h, jnp.ones((d,)), jnp.zeros((d,)), eps) * (1 + scale) + shift
-    head = dense(y, {"kernel": p["head"]["kernel"], "bias": p["head"]["bias"]}, jnp.float32)
-    out = head.reshape(fp, hp, wp, pt, ph, pw, cfg.out_dim).transpose(6, 0, 3, 1, 4, 2, 5).reshape(cfg.out_dim, frames,
-                                                                                                    hh, ww)
+    shift, scale = (hm[0] + e)[frame_of], (hm[1] + e)[frame_of]
+    y = layer_norm(h, jnp.ones((d,)), jnp.zeros((d,)), cfg.eps) * (1 + scale) + shift
+    return dense(y, {"kernel": p["head"]["kernel"], "bias": p["head"]["bias"]}, jnp.float32)
+
+
+def unpatchify(cfg: SkyReelsConfig, y: jax.Array, frames: int, hh: int, ww: int) -> jax.Array:
+    pt, ph, pw = cfg.patch_size
+    fp, hp, wp = frames // pt, hh // ph, ww // pw
+    return y.reshape(fp, hp, wp, pt, ph, pw, cfg.out_dim).transpose(6, 0, 3, 1, 4, 2, 5).reshape(
+        cfg.out_dim, frames, hh, ww)
+
+
+def forward(cfg: SkyReelsConfig, p: dict, x: jax.Array, t: jax.Array, context: jax.Array, fps: int | jax.Array,
+            causal_block_size: int = 0, key_tile: int = 4096, with_intermediates: bool = False) -> tuple:
+    """Velocity [C, F, H, W] of one window; ``t`` [F] integer timesteps; ``causal_block_size`` 0 = full attention."""
+    c, frames, hh, ww = x.shape
+    pt, ph, pw = cfg.patch_size
+    fp, hp, wp = frames // pt, hh // ph, ww // pw
+    hw, n = hp * wp, fp * hp * wp
+    tok = patchify(cfg, x)
+    h = dense(tok, p["patch"], jnp.float32)
+    cond = conditions(cfg, p, t, context, fps)
+    cos, sin = (jnp.asarray(a) for a in rope_tables(cfg.head_dim, fp, hp, wp))
+    frame_of = jnp.arange(n) // hw
+    if causal_block_size:
+        end = (frame_of // causal_block_size + 1) * causal_block_size * hw
+    else:
+        end = jnp.full((n,), n)
+    ranges = jnp.stack([jnp.zeros_like(end), end], -1)[:, None, :]
+    h, _, outs = run_blocks(cfg, p, h, cond["e0"], frame_of, cond["ctx"], cos, sin, ranges, key_tile,
+                            with_intermediates=with_intermediates)
+    y = head(cfg, p, h, cond["e"], frame_of)
+    out = unpatchify(cfg, y, frames, hh, ww)
     inter = None
     if with_intermediates:
-        inter = {"patch_embed": dense(tok, p["patch"], jnp.float32), "text_embed": ctx,
-                 "time_embed": e, "time_proj": proj, "blocks": outs, "head": head}
+        inter = {"patch_embed": dense(tok, p["patch"], jnp.float32), "text_embed": cond["ctx"],
+                 "time_embed": cond["e"], "time_proj": cond["time_proj"], "blocks": outs, "head": y}
     return out, inter
 
 
