@@ -143,6 +143,9 @@ def build(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
         from experiments.magi_run import build_magi1
 
         return build_magi1(cfg, n_chunks)
+    if cfg.model == "skyreels_v2":
+        raise ConfigError(f"{cfg.name}: SkyReels-V2 runs are not wired into run.py yet (the model, converters, the "
+                          "DF sampler, FlowCache and TeaCache exist as library code; see README); flops.py works")
     if cfg.model != "synthetic":
         raise ConfigError(f"unknown model {cfg.model!r}; use synthetic or magi1")
     from flowcache_jax.policies import make_policy

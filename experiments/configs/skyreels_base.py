@@ -1,0 +1,20 @@
+"""Shared base of the SkyReels-V2 DF-1.3B-540P presets (the FlowCache run: 177 frames, 2 windows, 50 steps)."""
+
+import ml_collections
+
+
+def get_base(name: str, policy: str, threshold: float = 0.0) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = name
+    c.model = "skyreels_v2"
+    c.checkpoint = ""  # the converter's output folder (python -m converters.convert --model=skyreels_v2 ...)
+    c.seed = 1024
+    c.batch = 1
+    c.video = ml_collections.ConfigDict(dict(
+        num_frames=177, base_num_frames=97, overlap_history=17, height=544, width=960, fps=24))
+    c.sampler = ml_collections.ConfigDict(dict(
+        num_steps=50, shift=8.0, guidance=6.0, ar_step=5, causal_block_size=5, addnoise_condition=20,
+        attention="block_causal"))  # "block_causal" (what the paper counts) or "full" (SR without --causal_attention)
+    c.policy = ml_collections.ConfigDict(dict(
+        name=policy, threshold=threshold, warmup=5, coeffs=(), reuse="residual", metric_dtype="float32"))
+    return c
