@@ -65,13 +65,13 @@ def _in_ranges(j: jax.Array, ranges: jax.Array) -> jax.Array:
     return jnp.any((j[None, None, :] >= lo) & (j[None, None, :] < hi), axis=1)
 
 
-def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, key_tile: int = 4096,
+def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array | None, key_tile: int = 4096,
                     key_mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention where query i sees the keys in its ranges; GQA by consecutive head groups.
 
-    q [S, Hq, d], k/v [L, G, d], ranges [S, n, 2] int32 half-open. Returns [S, Hq, d] in q's dtype. Every
-    query must have at least one key; ``key_mask`` [L] (optional) adds keys every query sees. Keys are processed
-    in tiles of ``key_tile`` with an online softmax.
+    q [S, Hq, d], k/v [L, G, d], ranges [S, n, 2] int32 half-open (None: every query sees every key, no mask).
+    Returns [S, Hq, d] in q's dtype. Every query must have at least one key; ``key_mask`` [L] (optional) adds
+    keys every query sees. Keys are processed in tiles of ``key_tile`` with an online softmax.
     """
     s, hq, d = q.shape
     length, g, _ = k.shape
@@ -100,6 +100,12 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
         # A tile no query may see is skipped for real (a scalar-predicated cond, not a select).
         return jax.lax.cond(jnp.any(ok), attend, lambda c: c, carry), None
 
+    if ranges is None and key_mask is None and length <= key_tile:  # unmasked: plain softmax
+        p = jax.nn.softmax(_scores(qg, k) * scale, axis=-1)
+        out = jnp.einsum("grsl,lgd->grsd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return out.transpose(2, 0, 1, 3).reshape(s, hq, d).astype(q.dtype)
+    if ranges is None:
+        ranges = jnp.broadcast_to(jnp.asarray([0, length], jnp.int32), (s, 1, 2))
     if length <= key_tile:  # one tile: plain masked softmax
         ok = _in_ranges(jnp.arange(length), ranges)
         if key_mask is not None:

@@ -142,7 +142,7 @@ def conditions(cfg: SkyReelsConfig, p: dict, t: jax.Array, context: jax.Array, f
 
 
 def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_of: jax.Array, ctx: jax.Array,
-               cos: jax.Array, sin: jax.Array, ranges: jax.Array, key_tile: int = 4096,
+               cos: jax.Array, sin: jax.Array, ranges: jax.Array | None, key_tile: int = 4096,
                kv: tuple[jax.Array, jax.Array] | None = None, write_start: jax.Array | None = None,
                with_intermediates: bool = False) -> tuple:
     """The transformer blocks on tokens ``h`` [n, D] (frame of each token: ``frame_of`` into ``e0``).
@@ -177,8 +177,7 @@ def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_
         qx = rms_norm(dense(xn, ca["q"]), ca["norm_q"]["scale"], eps).reshape(n, heads, hd)
         kx = rms_norm(dense(ctx, ca["k"]), ca["norm_k"]["scale"], eps).reshape(-1, heads, hd)
         vx = dense(ctx, ca["v"]).reshape(-1, heads, hd)
-        all_keys = jnp.broadcast_to(jnp.asarray([0, kx.shape[0]], jnp.int32), (n, 1, 2))
-        h = h + dense(range_attention(qx, kx, vx, all_keys, key_tile).reshape(n, d), ca["o"]).astype(jnp.float32)
+        h = h + dense(range_attention(qx, kx, vx, None, key_tile).reshape(n, d), ca["o"]).astype(jnp.float32)
         y = (layer_norm(h, ones, zeros, eps) * (1 + scale2) + shift2).astype(dt_)
         f = lp["ffn"]
         y = dense(jax.nn.gelu(dense(y, f["fc1"]).astype(jnp.float32), approximate=True).astype(dt_), f["fc2"])
@@ -221,11 +220,10 @@ def forward(cfg: SkyReelsConfig, p: dict, x: jax.Array, t: jax.Array, context: j
     cond = conditions(cfg, p, t, context, fps)
     cos, sin = (jnp.asarray(a) for a in rope_tables(cfg.head_dim, fp, hp, wp))
     frame_of = jnp.arange(n) // hw
+    ranges = None  # full attention
     if causal_block_size:
         end = (frame_of // causal_block_size + 1) * causal_block_size * hw
-    else:
-        end = jnp.full((n,), n)
-    ranges = jnp.stack([jnp.zeros_like(end), end], -1)[:, None, :]
+        ranges = jnp.stack([jnp.zeros_like(end), end], -1)[:, None, :]
     h, _, outs = run_blocks(cfg, p, h, cond["e0"], frame_of, cond["ctx"], cos, sin, ranges, key_tile,
                             with_intermediates=with_intermediates)
     y = head(cfg, p, h, cond["e"], frame_of)
