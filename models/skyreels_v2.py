@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowcache_jax.kv import compress as kvc
 from models.layers import dense, layer_norm, range_attention
 
 # The released SkyReels-V2-DF-1.3B WanModel config (keys its loader ignores take the code defaults), spec §3.1.
@@ -144,12 +145,16 @@ def conditions(cfg: SkyReelsConfig, p: dict, t: jax.Array, context: jax.Array, f
 def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_of: jax.Array, ctx: jax.Array,
                cos: jax.Array, sin: jax.Array, ranges: jax.Array | None, key_tile: int = 4096,
                kv: tuple[jax.Array, jax.Array] | None = None, write_start: jax.Array | None = None,
-               with_intermediates: bool = False) -> tuple:
+               with_intermediates: bool = False, key_mask: jax.Array | None = None, compress: dict | None = None
+               ) -> tuple:
     """The transformer blocks on tokens ``h`` [n, D] (frame of each token: ``frame_of`` into ``e0``).
 
     Without ``kv`` self-attention sees the call's own tokens within ``ranges``. With a K/V buffer
-    [layers, rows, heads, hd] the tokens' K/V are written at ``write_start`` first and the ranges index the
-    buffer: FlowCache's per-group forward, where a group sees the (possibly stale) slots of earlier groups.
+    [layers, rows, heads, hd] the tokens' K/V are written at ``write_start`` first and the ranges (or
+    ``key_mask`` over the buffer rows) index the buffer: FlowCache's per-group forward, where a group sees the
+    (possibly stale) slots of earlier groups. ``compress`` = {"rows": clean rows [Lk], "keep": first row of the
+    slot that receives the kept tokens, "cfg": CompressConfig} compresses the clean rows in every layer with
+    the tokens' own queries (spec flowcache §4.3); the kept indices are returned per layer.
     """
     n, d = h.shape
     heads, hd, eps = cfg.num_heads, cfg.head_dim, cfg.eps
@@ -165,12 +170,19 @@ def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_
         q = apply_rope(rms_norm(dense(y, sa["q"]), sa["norm_q"]["scale"], eps).reshape(n, heads, hd), cos, sin)
         k = apply_rope(rms_norm(dense(y, sa["k"]), sa["norm_k"]["scale"], eps).reshape(n, heads, hd), cos, sin)
         v = dense(y, sa["v"]).reshape(n, heads, hd)
+        kept = (None, None, None)
         if kv is None:
             keys, values = k, v
         else:
             keys = jax.lax.dynamic_update_slice_in_dim(kv[0][li], k.astype(kv[0].dtype), write_start, 0)
             values = jax.lax.dynamic_update_slice_in_dim(kv[1][li], v.astype(kv[1].dtype), write_start, 0)
-        o = dense(range_attention(q, keys, values, ranges, key_tile).reshape(n, d), sa["o"])
+            if compress is not None:
+                kc, vc = keys[compress["rows"]], values[compress["rows"]]
+                idx, _ = kvc.select(kvc.scores(q, kc, compress["cfg"])["final"], compress["cfg"])
+                kept = (kvc.gather(kc, idx), kvc.gather(vc, idx), idx)
+                keys = jax.lax.dynamic_update_slice_in_dim(keys, kept[0], compress["keep"], 0)
+                values = jax.lax.dynamic_update_slice_in_dim(values, kept[1], compress["keep"], 0)
+        o = dense(range_attention(q, keys, values, ranges, key_tile, key_mask).reshape(n, d), sa["o"])
         h = h + o.astype(jnp.float32) * gate1
         xn = layer_norm(h, lp["norm3"]["scale"], lp["norm3"]["bias"], eps).astype(dt_)
         ca = lp["cross_attn"]
@@ -182,13 +194,19 @@ def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_
         f = lp["ffn"]
         y = dense(jax.nn.gelu(dense(y, f["fc1"]).astype(jnp.float32), approximate=True).astype(dt_), f["fc2"])
         h = h + y.astype(jnp.float32) * gate2
-        return h, (h if with_intermediates else None, k if kv is not None else None, v if kv is not None else None)
+        own = (k, v) if kv is not None else (None, None)
+        return h, (h if with_intermediates else None, *own, *kept)
 
-    h, (outs, ks, vs) = jax.lax.scan(block, h, (p["layers"], jnp.arange(cfg.num_layers)))
-    if kv is not None:  # the tokens' K/V go into the buffer once, after the layer loop
+    h, (outs, ks, vs, k_keep, v_keep, idx) = jax.lax.scan(block, h, (p["layers"], jnp.arange(cfg.num_layers)))
+    if kv is not None:  # the tokens' K/V (and kept rows) go into the buffer once, after the layer loop
         zero = jnp.int32(0)
         kv = (jax.lax.dynamic_update_slice(kv[0], ks.astype(kv[0].dtype), (zero, write_start, zero, zero)),
               jax.lax.dynamic_update_slice(kv[1], vs.astype(kv[1].dtype), (zero, write_start, zero, zero)))
+        if compress is not None:
+            start = (zero, compress["keep"], zero, zero)
+            kv = (jax.lax.dynamic_update_slice(kv[0], k_keep.astype(kv[0].dtype), start),
+                  jax.lax.dynamic_update_slice(kv[1], v_keep.astype(kv[1].dtype), start))
+            return h, kv, (outs, idx)
     return h, kv, outs
 
 
