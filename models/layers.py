@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, one_plus: bool = False) -> jax.Array:
@@ -122,3 +123,16 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array 
         (m, l_sum, acc), _ = jax.lax.scan(tile, init, jnp.arange(0, length + pad, key_tile))
         out = acc / l_sum[..., None]
     return out.transpose(2, 0, 1, 3).reshape(s, hq, d).astype(q.dtype)
+
+
+class ParamsModule(nnx.Module):
+    """A model's nested parameter dict held as ``nnx.Param`` leaves; the forward stays a pure function."""
+
+    def __init__(self, cfg, params: dict | None, init_fn, rngs: nnx.Rngs | None):
+        self.cfg = cfg
+        if params is None:
+            params = init_fn(cfg, (rngs or nnx.Rngs(0)).params())
+        self.params = nnx.data(jax.tree.map(nnx.Param, params))
+
+    def param_dict(self) -> dict:
+        return jax.tree.map(lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable))

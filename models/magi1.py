@@ -18,7 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import dense, layer_norm, range_attention, rotate_half, sinusoid_freqs, timestep_sinusoid
+from models.layers import (
+    ParamsModule,
+    dense,
+    layer_norm,
+    range_attention,
+    rotate_half,
+    sinusoid_freqs,
+    timestep_sinusoid,
+)
 
 # The released 4.5B-distill model_config (example/4.5B/4.5B_distill_config.json), spec §1.1.
 MAGI1_4P5B_DISTILL = dict(
@@ -298,17 +306,11 @@ def empty_buffer(cfg: Magi1Config, rows: int, dtype=None) -> tuple[jax.Array, ja
 
 
 # ----- the NNX module --------------------------------------------------------------------------------
-class Magi1DiT(nnx.Module):
+class Magi1DiT(ParamsModule):
     """The MAGI-1 DiT as an NNX module: parameters as ``nnx.Param`` leaves of the layout above."""
 
     def __init__(self, cfg: Magi1Config, params: dict | None = None, *, rngs: nnx.Rngs | None = None):
-        self.cfg = cfg
-        if params is None:
-            params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
-        self.params = nnx.data(jax.tree.map(nnx.Param, params))
-
-    def param_dict(self) -> dict:
-        return jax.tree.map(lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        super().__init__(cfg, params, init_params, rngs)
 
     def __call__(self, x, t, y, y_mask, kv_range, buffer, slice_point, num_steps, write_chunks,
                  distill_interval=1.0) -> Any:

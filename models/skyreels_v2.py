@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from flowcache_jax.kv import compress as kvc
-from models.layers import dense, layer_norm, range_attention
+from models.layers import ParamsModule, dense, layer_norm, range_attention
 
 # The released SkyReels-V2-DF-1.3B WanModel config (keys its loader ignores take the code defaults), spec §3.1.
 SKYREELS_DF_1P3B = dict(model_type="t2v", dim=1536, ffn_dim=8960, freq_dim=256, in_dim=16, out_dim=16, num_heads=12,
@@ -253,17 +253,11 @@ def forward(cfg: SkyReelsConfig, p: dict, x: jax.Array, t: jax.Array, context: j
     return out, inter
 
 
-class SkyReelsDiT(nnx.Module):
+class SkyReelsDiT(ParamsModule):
     """The SkyReels-V2 DiT as an NNX module: parameters as ``nnx.Param`` leaves of the layout above."""
 
     def __init__(self, cfg: SkyReelsConfig, params: dict | None = None, *, rngs: nnx.Rngs | None = None):
-        self.cfg = cfg
-        if params is None:
-            params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
-        self.params = nnx.data(jax.tree.map(nnx.Param, params))
-
-    def param_dict(self) -> dict:
-        return jax.tree.map(lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        super().__init__(cfg, params, init_params, rngs)
 
     def __call__(self, x, t, context, fps, causal_block_size: int = 0):
         return forward(self.cfg, self.param_dict(), x, t, context, fps, causal_block_size)[0]

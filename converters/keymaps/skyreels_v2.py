@@ -5,25 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from converters.engine import Rule
+from converters.keymaps.transforms import conv_patch, copy, linear
 
 B = "blocks.{i}."
-
-
-def _linear(w: np.ndarray, cfg) -> tuple[np.ndarray]:
-    if w.ndim != 2:
-        raise ValueError("a Linear weight must be 2-D")
-    return (w.T,)
-
-
-def _copy(w: np.ndarray, cfg) -> tuple[np.ndarray]:
-    return (w,)
-
-
-def _conv_patch(w: np.ndarray, cfg) -> tuple[np.ndarray]:
-    """Conv3d [D, C, kt, kh, kw] (kernel = stride) -> Dense [C·kt·kh·kw, D] in (c, kt, kh, kw) order."""
-    if w.ndim != 5:
-        raise ValueError("patch_embedding must be a 5-D Conv3d weight")
-    return (w.reshape(w.shape[0], -1).T,)
 
 
 def _table(w: np.ndarray, cfg) -> tuple[np.ndarray]:
@@ -33,7 +17,7 @@ def _table(w: np.ndarray, cfg) -> tuple[np.ndarray]:
     return (w[0],)
 
 
-TRANSFORMS = {"copy": _copy, "linear": _linear, "conv_patch": _conv_patch, "table": _table}
+TRANSFORMS = {"copy": copy, "linear": linear, "conv_patch": conv_patch, "table": _table}
 
 
 def _lin(src: str, dst: str, per_layer: bool = False) -> tuple[Rule, Rule]:
