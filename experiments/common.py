@@ -11,7 +11,7 @@ from typing import Any
 import ml_collections
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DEFAULT_CONFIG = "synthetic_fast"  # the embedded default
+DEFAULT_CONFIG = "tiny_fast"  # the embedded default: the tiny MAGI-1 trained here, shipped in the repo
 
 
 class ConfigError(ValueError):
@@ -81,6 +81,13 @@ def validate_policy(cfg: ml_collections.ConfigDict, steps_per_chunk: int) -> Non
         raise ConfigError(f"policy.warmup={p.warmup} must be in [0, steps per chunk={steps_per_chunk}]")
     if p.reuse not in REUSE_MODES:
         raise ConfigError(f"policy.reuse must be one of {REUSE_MODES}, got {p.reuse!r}")
+    if p.name == "magcache":
+        ratios = tuple(p.get("ratios", ()))
+        if ratios and len(ratios) != steps_per_chunk:
+            raise ConfigError(f"policy.ratios has {len(ratios)} entries; MagCache needs one per step "
+                              f"({steps_per_chunk}) or none (then an uncached calibration run computes them)")
+        if p.get("max_skips", 4) < 1:
+            raise ConfigError(f"policy.max_skips must be >= 1, got {p.max_skips}")
     if p.metric_dtype not in METRIC_DTYPES:
         raise ConfigError(f"policy.metric_dtype must be one of {tuple(METRIC_DTYPES)}, got {p.metric_dtype!r}")
     if cfg.batch < 1:
@@ -115,6 +122,10 @@ class Run:
     table: Any
     sampler: Any
     notes: dict = dataclasses.field(default_factory=dict)  # what the run used (e.g. which caption)
+    cond_for: Callable[[int], Any] | None = None  # the conditions of another seed (e.g. its continuation prefix)
+
+    def conditions(self, seed: int):
+        return self.cond if self.cond_for is None else self.cond_for(seed)
 
     @property
     def key(self):
@@ -136,16 +147,71 @@ class Run:
         v = np.asarray(video)
         return v if self.cfg.model == "synthetic" else np.moveaxis(v, 2, -1)
 
+    @property
+    def rgb(self) -> bool:
+        """The latents are RGB frames in [-1, 1] (the tiny model), not a VAE latent."""
+        return self.cfg.get("output", {}).get("decode", "latent") == "rgb"
+
+    @property
+    def data_range(self):
+        """The value range PSNR/SSIM use as peak: fixed for RGB frames, else the reference's own range."""
+        return (-1.0, 1.0) if self.rgb else None
+
+    def rgb_frames(self, video, scale: int | None = None):
+        """uint8 [T, H·s, W·s, 3] of the first video: RGB frames as they are, latents as a normalised preview."""
+        import numpy as np
+
+        f = self.frames(video)
+        f = f.reshape(-1, *f.shape[-3:])
+        if self.rgb:
+            f = (f[..., :3] + 1.0) / 2.0
+        else:
+            f = f[..., :3] if f.shape[-1] >= 3 else np.repeat(f[..., :1], 3, -1)
+            lo, hi = np.percentile(f, 1), np.percentile(f, 99)
+            f = (f - lo) / max(hi - lo, 1e-9)
+        s = scale or int(self.cfg.get("output", {}).get("scale", 1))
+        f = np.clip(f * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return f.repeat(s, 1).repeat(s, 2)
+
+
+def magcache_ratios(res: Any, table: Any) -> tuple[float, ...]:
+    """MagCache's calibration from an uncached run: mean ||v_k|| / ||v_{k-1}|| per local step."""
+    import numpy as np
+
+    from flowcache_jax.policies.magcache import calibrate_ratios
+
+    k = table.k.reshape(-1, table.window)[table.step_valid.reshape(-1)]
+    n_steps = len(table.grid) - 1
+    norms = np.full((table.n_chunks, n_steps), np.nan)
+    ok = res.chunk >= 0
+    norms[res.chunk[ok], k[ok]] = res.velocity_l1[ok]
+    return tuple(float(r) for r in calibrate_ratios(norms))
+
+
+def calibrate(cfg: ml_collections.ConfigDict, seed_offset: int = 1) -> ml_collections.ConfigDict:
+    """A MagCache config without ratios gets them from an uncached run at ``seed + seed_offset``."""
+    if cfg.policy.name != "magcache" or tuple(cfg.policy.get("ratios", ())):
+        return cfg
+    van = with_policy(cfg, "vanilla")
+    van.seed = cfg.seed + seed_offset
+    run = build(van)
+    res = run.sampler.run(run.params, run.cond, run.table, run.key, progress=False)
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.policy.ratios = magcache_ratios(res, run.table)
+    return out
+
 
 def build(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
     """Validate, then make the denoiser, params, schedule table and sampler of a config."""
+    cfg = calibrate(cfg)
     if cfg.model == "magi1":
         from experiments.magi_run import build_magi1
 
         return build_magi1(cfg, n_chunks)
     if cfg.model == "skyreels_v2":
-        raise ConfigError(f"{cfg.name}: SkyReels-V2 runs are not wired into run.py yet (the model, converters, the "
-                          "DF sampler, FlowCache and TeaCache exist as library code; see README); flops.py works")
+        from experiments.skyreels_run import build_skyreels
+
+        return build_skyreels(cfg, n_chunks)
     if cfg.model != "synthetic":
         raise ConfigError(f"unknown model {cfg.model!r}; use synthetic or magi1")
     from flowcache_jax.policies import make_policy
@@ -166,6 +232,22 @@ def build(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from e
     return Run(cfg=cfg, denoiser=denoiser, params=denoiser.init_params(), cond=None, table=table, sampler=sampler)
+
+
+def write_video_outputs(run, video, out: Path, name: str = "video") -> list[Path]:
+    """``name``.mp4 and ``name``_frames.png (a strip of every frame) of the first video."""
+    from flowcache_jax import io
+
+    frames = run.rgb_frames(video)
+    if isinstance(run.cond, dict) and "prefix" in run.cond:  # a continuation: show the given frames first
+        import numpy as np
+
+        frames = np.concatenate([run.rgb_frames(np.asarray(run.cond["prefix"])[None]), frames])
+    fps = int(run.cfg.get("output", {}).get("fps", 8))
+    paths = [out / f"{name}.mp4", out / f"{name}_frames.png"]
+    io.write_mp4(paths[0], frames, fps)
+    io.write_png(paths[1], io.frame_strip(frames, per_row=run.cfg.get("output", {}).get("per_row", 8)))
+    return paths
 
 
 def with_policy(cfg: ml_collections.ConfigDict, name: str, threshold: float | None = None

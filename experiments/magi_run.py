@@ -105,6 +105,37 @@ def load_captions(path: str, mcfg, n_chunks: int, params: dict) -> tuple[dict, s
     return {"y": y, "mask": mask, "null_y": null_y, "null_mask": null_m}, f"caption from {p}"
 
 
+def prefix_chunks(cfg: ml_collections.ConfigDict) -> int:
+    return int(cfg.get("prefix", {}).get("chunks", 0))
+
+
+def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int) -> np.ndarray | None:
+    """The clean chunks a video continues, [p, C, F, H, W]: a procedural clip of ``seed`` or a latent file."""
+    p = prefix_chunks(cfg)
+    if p == 0:
+        return None
+    v, src = cfg.video, cfg.prefix.source
+    c, f, h, w = mcfg.in_channels, p * v.chunk_width, v.latent_height, v.latent_width
+    if src == "procedural":
+        from experiments.procedural_videos import VideoSpec, render, to_latent
+
+        if c != 3:
+            raise ConfigError(f"prefix.source=procedural gives RGB frames; the model has in_channels={c}")
+        lat = np.asarray(to_latent(render(jax.random.PRNGKey(seed), VideoSpec(frames=f, height=h, width=w))))
+    elif src == "file":
+        path = Path(cfg.prefix.file)
+        if not path.is_file() or path.suffix != ".npz":
+            raise ConfigError(f"prefix.file {path} must be an existing .npz with 'latents' [{c}, T, {h}, {w}]")
+        with np.load(path, allow_pickle=False) as z:
+            lat = np.asarray(z["latents"], np.float32) if "latents" in z.files else None
+        if lat is None or lat.ndim != 4 or lat.shape[0] != c or lat.shape[1] < f or lat.shape[2:] != (h, w):
+            raise ConfigError(f"prefix.file {path}: 'latents' must be [{c}, >= {f}, {h}, {w}]")
+        lat = lat[:, -f:]
+    else:
+        raise ConfigError(f"prefix.source must be 'procedural' or 'file' when prefix.chunks > 0, got {src!r}")
+    return lat.reshape(c, p, v.chunk_width, h, w).transpose(1, 0, 2, 3, 4).astype(np.float32)
+
+
 def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
     """The Magi1Denoiser of a config (shared by run, benchmark and flops)."""
     from flowcache_jax.kv.compress import CompressConfig
@@ -115,7 +146,8 @@ def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
     grid = magi_time_grid(s.num_steps, s.shortcut_mode)
     discard = s.semantics != "magi" if s.discard_duplicate is None else bool(s.discard_duplicate)
     den = Magi1Denoiser(
-        cfg=mcfg, chunk_frames=v.chunk_width, latent_h=v.latent_height, latent_w=v.latent_width, n_chunks=n_chunks,
+        cfg=mcfg, chunk_frames=v.chunk_width, latent_h=v.latent_height, latent_w=v.latent_width,
+        n_chunks=n_chunks + prefix_chunks(cfg), prefix_chunks=prefix_chunks(cfg),
         num_steps=s.num_steps, steps_per_stage=s.num_steps // s.window, clean_t=s.clean_t,
         nearly_clean_k=nearly_clean_step(grid), discard_duplicate=discard,
         noise2clean_kvrange=(5, 4, 3, 2) if s.kv_range == "official" else (),
@@ -142,15 +174,25 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
     den, grid = make_denoiser(cfg, mcfg, n)
     magi = s.semantics == "magi"
     cond, caption = load_captions(cfg.caption_file, mcfg, n, params)
-    cond = jax.tree.map(jnp.asarray, cond)
+    if prefix_chunks(cfg) < 0:
+        raise ConfigError(f"prefix.chunks must be >= 0, got {prefix_chunks(cfg)}")
+
+    def cond_for(seed: int) -> dict:
+        c = dict(cond)
+        if prefix_chunks(cfg):
+            c["prefix"] = load_prefix(cfg, mcfg, seed)
+        return jax.tree.map(jnp.asarray, c)
+
     try:
         table = magi_schedule(n, s.window, s.num_steps, grid)
         sampler = Sampler(den, make_policy(cfg.policy), table.window, 1, cfg.policy.reuse, cfg.policy.metric_dtype,
                           reencode_clean=magi)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    return Run(cfg=cfg, denoiser=den, params=params, cond=cond, table=table, sampler=sampler,
+    notes = {"prefix": f"{prefix_chunks(cfg)} given clean chunk(s), {cfg.prefix.source}"} if prefix_chunks(cfg) else {}
+    return Run(cfg=cfg, denoiser=den, params=params, cond=cond_for(cfg.seed), table=table, sampler=sampler,
+               cond_for=cond_for,
                notes={"caption": caption, "semantics": s.semantics, "dtype": mcfg.dtype,
                       "kv_buffer": f"{den.layout.rows} rows ({'compressed, ' if cfg.kv.compress else ''}"
                                    f"{den.layout.history_chunks} history + {den.window} window chunks)",
-                      "duplicate": "discarded" if den.discard_duplicate else "run and blended 0.7/0.3"})
+                      "duplicate": "discarded" if den.discard_duplicate else "run and blended 0.7/0.3", **notes})

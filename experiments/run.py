@@ -23,31 +23,6 @@ _COMPARE = flags.DEFINE_bool("compare_to_vanilla", True, "Also run the uncached 
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
-def preview_png(frames, path) -> None:
-    """A strip of frames (first three latent channels as RGB), one row per chunk; frames [n, F, H, W, C]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from flowcache_jax.io import save_figure
-
-    v = np.asarray(frames)
-    rgb = v[..., :3] if v.shape[-1] >= 3 else np.repeat(v[..., :1], 3, -1)
-    lo, hi = np.percentile(rgb, 1), np.percentile(rgb, 99)
-    rgb = np.clip((rgb - lo) / max(hi - lo, 1e-9), 0, 1)
-    n, f = rgb.shape[:2]
-    fig, axes = plt.subplots(n, f, figsize=(1.2 * f, 1.2 * n), squeeze=False)
-    for i in range(n):
-        for j in range(f):
-            axes[i, j].imshow(rgb[i, j], interpolation="nearest")
-            axes[i, j].set_axis_off()
-    fig.suptitle("latent preview (rows: chunks)", fontsize=8)
-    save_figure(fig, path)
-    plt.close(fig)
-
-
 def main(argv: list[str]) -> None:
     del argv
 
@@ -66,6 +41,10 @@ def main(argv: list[str]) -> None:
 
         run_fl = run_flops(run, res)
         run_fl["vanilla_pflops"] = run_flops(run)["total_pflops"]
+    elif cfg.model == "skyreels_v2":
+        from experiments.skyreels_run import run_flops as sky_run_flops
+
+        run_fl = sky_run_flops(run, res)
     else:
         per_fwd = flops.chunk_forward_flops(run.denoiser, run.params, run.cond, cfg.batch, run.table.window)
         run_fl = flops.flops_report(per_fwd, res.computed, res.chunk_forwards_vanilla,
@@ -74,7 +53,7 @@ def main(argv: list[str]) -> None:
         "config_name": cfg.name, "policy": cfg.policy.name, "threshold": cfg.policy.threshold,
         "num_chunks": run.table.n_chunks, "num_steps": run.table.num_steps,
         "chunk_forwards_vanilla": res.chunk_forwards_vanilla, "chunk_forwards_computed": res.computed,
-        "computed_fraction": res.computed_fraction, "speedup_ideal": 1.0 / max(res.computed_fraction, 1e-12),
+        "computed_fraction": res.computed_fraction, "speedup_ideal": res.speedup_ideal,
         "wall_s": {"load": timer.seconds["load"], **res.wall}, "compiles": res.traces,
         "flops": run_fl, "notes": run.notes,
         "decisions": res.decisions, "decision_chunks": res.chunk, "config": cfg.to_dict(),
@@ -83,11 +62,11 @@ def main(argv: list[str]) -> None:
         ref_run = common.build(common.with_policy(cfg, "vanilla"))
         ref = ref_run.sampler.run(ref_run.params, ref_run.cond, ref_run.table, ref_run.key, progress=_PROGRESS.value)
         a, b = run.images(res.video), run.images(ref.video)
-        results["vs_vanilla"] = {"psnr": metrics.psnr(a, b), "ssim": metrics.ssim(a, b),
+        results["vs_vanilla"] = {"psnr": metrics.psnr(a, b, run.data_range), "ssim": metrics.ssim(a, b, run.data_range),
                                  "rel_l1": metrics.rel_l1(res.video, ref.video)}
     io.write_json(out / "results.json", results)
     io.write_npz(out / "latents.npz", latents=res.video, decisions=res.decisions)
-    preview_png(run.frames(res.video), out / "preview.png")
+    media = common.write_video_outputs(run, res.video, out)
     row = {k: results[k] for k in ("config_name", "policy", "num_chunks", "chunk_forwards_vanilla",
                                     "chunk_forwards_computed", "computed_fraction", "speedup_ideal")}
     row.update({f"{k}_s": v for k, v in results["wall_s"].items()})
@@ -95,7 +74,7 @@ def main(argv: list[str]) -> None:
     print(common.format_table([row], list(row)))
     for k, v in run.notes.items():
         print(f"{k}: {v}")
-    print(f"wrote {out / 'results.json'}, {out / 'latents.npz'}, {out / 'preview.png'}")
+    print(f"wrote {out / 'results.json'}, {out / 'latents.npz'}, {', '.join(map(str, media))}")
 
 
 if __name__ == "__main__":

@@ -59,3 +59,43 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> None:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """An RGB uint8 image [H, W, 3]."""
+    import imageio.v3 as iio
+
+    with atomic_path(path, suffix=".png") as tmp:
+        iio.imwrite(tmp, np.asarray(image, np.uint8), extension=".png")
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
+    """RGB uint8 frames [T, H, W, 3] as H.264 (yuv420p; sides padded to even sizes by the encoder's block)."""
+    import warnings
+
+    import imageio.v2 as imageio
+
+    frames = np.asarray(frames, np.uint8)
+    h, w = frames.shape[1:3]
+    frames = np.pad(frames, ((0, 0), (0, (-h) % 16), (0, (-w) % 16), (0, 0)), mode="edge")
+    with atomic_path(path, suffix=".mp4") as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="os.fork")  # the encoder runs as a subprocess; JAX warns
+        writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", macro_block_size=16,
+                                    pixelformat="yuv420p", ffmpeg_params=["-crf", "18"], ffmpeg_log_level="error")
+        try:
+            for f in frames:
+                writer.append_data(f)
+        finally:
+            writer.close()
+
+
+def frame_strip(frames, per_row: int = 8, gap: int = 2):
+    """uint8 frames [T, H, W, 3] tiled left to right, ``per_row`` per row, on a white background."""
+    t, h, w, _ = frames.shape
+    rows = -(-t // per_row)
+    cols = min(t, per_row)
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
+    for i, f in enumerate(frames):
+        r, c = divmod(i, per_row)
+        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = f
+    return out

@@ -17,9 +17,10 @@ def rel_l1(cur: np.ndarray, prev: np.ndarray, eps: float = 1e-8) -> float:
     return float(np.mean(np.abs(cur - prev)) / (np.mean(np.abs(prev)) + eps))
 
 
-def _unit_range(x: np.ndarray, ref: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Map both arrays with the reference's dynamic range to [0, 1] (latents have no fixed peak)."""
-    lo, hi = float(np.min(ref)), float(np.max(ref))
+def _unit_range(x: np.ndarray, ref: np.ndarray, data_range: tuple[float, float] | None = None
+                ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Map both arrays to [0, 1] with ``data_range`` (images) or the reference's own range (latents have no peak)."""
+    lo, hi = (float(np.min(ref)), float(np.max(ref))) if data_range is None else data_range
     scale = max(hi - lo, 1e-12)
     return jnp.asarray((x - lo) / scale, jnp.float32), jnp.asarray((ref - lo) / scale, jnp.float32)
 
@@ -29,17 +30,17 @@ def _as_images(x: np.ndarray) -> np.ndarray:
     return np.asarray(x).reshape(-1, *np.shape(x)[-3:])
 
 
-def psnr(x: np.ndarray, ref: np.ndarray) -> float:
-    """PSNR in dB with the reference's dynamic range as peak; inf when identical."""
-    a, b = _unit_range(_as_images(x), _as_images(ref))
+def psnr(x: np.ndarray, ref: np.ndarray, data_range: tuple[float, float] | None = None) -> float:
+    """PSNR in dB over everything; peak = ``data_range`` (e.g. (-1, 1) for frames) or the reference's range."""
+    a, b = _unit_range(_as_images(x), _as_images(ref), data_range)
     if not bool(jnp.any(a != b)):
         return float("inf")
     return float(dm_pix.psnr(a.reshape(1, -1, 1, 1), b.reshape(1, -1, 1, 1))[0])  # one MSE over everything
 
 
-def ssim(x: np.ndarray, ref: np.ndarray) -> float:
+def ssim(x: np.ndarray, ref: np.ndarray, data_range: tuple[float, float] | None = None) -> float:
     """Mean SSIM over all frames ([..., H, W, C]); the Gaussian window shrinks for tiny latents."""
-    a, b = _unit_range(_as_images(x), _as_images(ref))
+    a, b = _unit_range(_as_images(x), _as_images(ref), data_range)
     size = int(min(11, a.shape[1], a.shape[2]))
     size -= 1 - size % 2  # odd window
     return float(jnp.mean(dm_pix.ssim(a, b, max_val=1.0, filter_size=size, filter_sigma=1.5 * size / 11)))

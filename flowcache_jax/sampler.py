@@ -42,16 +42,24 @@ class RunResult:
     reason: np.ndarray  # int8 [steps, W]: policies.base FORCED/NEW/WARMUP/THRESHOLD/REUSED, -1 empty
     diff_l1: np.ndarray  # float32 [steps, W]: mean |feat - prev_feat| (nan if no previous)
     prev_l1: np.ndarray  # float32 [steps, W]: mean |prev_feat|
+    velocity_l1: np.ndarray  # float32 [steps, W]: mean |x_new - x| / |dt| (MagCache's calibration input)
     computed: int  # chunk forwards run
     chunk_forwards_vanilla: int
     wall: dict[str, float]  # compile / denoise seconds
     traces: int  # times the stage function was traced (compiled) by this sampler
     stage_latents: np.ndarray | None = None  # [stages, B, n_chunks, ...]: every chunk after each stage
     stage_reports: list | None = None  # per stage, the denoiser's ``report(kv)`` (e.g. compression events)
+    probes: int = 0  # first-block probes run (FirstBlockCache), each ``probe_cost`` of a chunk forward
+    probe_cost: float = 0.0
 
     @property
     def computed_fraction(self) -> float:
         return self.computed / max(self.chunk_forwards_vanilla, 1)
+
+    @property
+    def speedup_ideal(self) -> float:
+        """Vanilla chunk forwards over the forwards run, probes counted at their share of a forward."""
+        return self.chunk_forwards_vanilla / max(self.computed + self.probes * self.probe_cost, 1e-12)
 
 
 def _take(a: jax.Array, i: jax.Array) -> jax.Array:
@@ -76,25 +84,34 @@ class Sampler:
         if metric_dtype not in METRIC_DTYPES:
             raise ValueError(f"metric_dtype must be one of {tuple(METRIC_DTYPES)}, got {metric_dtype!r}")
         self.denoiser, self.policy, self.window, self.batch = denoiser, policy, window, batch
+        self.features = getattr(policy, "features", "input")  # "input" metric or a "first_block" probe
+        self.anchor = getattr(policy, "anchor", "previous")  # compare with the previous or last computed step
+        if self.features == "first_block" and not hasattr(denoiser, "probe_features"):
+            raise ValueError(f"policy {policy.name!r} probes the first block, which {type(denoiser).__name__} "
+                             "does not have (use a transformer model such as MAGI-1)")
         if reencode_clean and not hasattr(denoiser, "encode_clean"):
             raise ValueError(f"{type(denoiser).__name__} has no encode_clean; set reencode_clean=False")
         self.reuse, self.metric_dtype, self.reencode_clean = reuse, METRIC_DTYPES[metric_dtype], reencode_clean
         self.traces = 0
         self._compiled: dict[tuple[int, int], Any] = {}  # per (steps per stage, window): one executable
         self._noise = jax.jit(lambda k: denoiser.sample_noise(k, batch))
+        self._prepare = None
 
     # ----- state -------------------------------------------------------------------------------
     def init_state(self, params: Any, cond: Any) -> SamplerState:
         d, b = self.denoiser, self.batch
         latent = jax.ShapeDtypeStruct((b, *d.chunk_shape), jnp.float32)
         t = jax.ShapeDtypeStruct((), jnp.float32)
-        feat = jax.eval_shape(d.metric_features, params, latent, t)
+        types = (jnp.int32, jnp.int32, jnp.float32, jnp.float32, jnp.int32, jnp.int32)
+        info = SlotInfo(*(jax.ShapeDtypeStruct((), dt) for dt in types))
+        if self.features == "first_block":
+            feat = jax.eval_shape(d.probe_features, params, cond, latent, info, d.init_kv(b, self.window))
+        else:
+            feat = jax.eval_shape(d.metric_features, params, latent, t)
         feat = jax.ShapeDtypeStruct(feat.shape, self.metric_dtype)
         if self.reuse == "displacement":
             cache = latent
         else:
-            types = (jnp.int32, jnp.int32, jnp.float32, jnp.float32, jnp.int32, jnp.int32)
-            info = SlotInfo(*(jax.ShapeDtypeStruct((), dt) for dt in types))
             out, _ = jax.eval_shape(d.forward_chunk, params, cond, latent, info, d.init_kv(b, self.window))
             cache = out.residual
         return init_state(latent, feat, cache, self.window, d.init_kv(b, self.window),
@@ -107,7 +124,21 @@ class Sampler:
         ring = jnp.where(active, chunk % w, 0)
         ring_drop = jnp.where(active, chunk % w, w)  # out of range -> scatter dropped
         x = state.latents[ring]
-        feats = jax.vmap(lambda xi, ti: d.metric_features(params, xi, ti))(x, row["t"]).astype(self.metric_dtype)
+        window_end = jnp.max(jnp.where(active, chunk, -1)) + 1
+
+        def slot_info(j):
+            return SlotInfo(chunk=chunk[j], k=row["k"][j], t=row["t"][j], dt=row["dt"][j], position=j,
+                            window_end=window_end)
+
+        if self.features == "first_block":  # one block per active chunk, un-batched cond: inactive ones cost nothing
+            zeros = jnp.zeros(state.prev_feat.shape[1:], self.metric_dtype)
+            feats = jax.lax.map(lambda j: jax.lax.cond(
+                active[j], lambda: d.probe_features(params, cond, x[j], slot_info(j), state.kv).astype(zeros.dtype),
+                lambda: zeros), jnp.arange(w))
+            probed = jnp.sum(active.astype(jnp.int32))
+        else:
+            feats = jax.vmap(lambda xi, ti: d.metric_features(params, xi, ti))(x, row["t"]).astype(self.metric_dtype)
+            probed = jnp.zeros((), jnp.int32)
         prev = state.prev_feat[ring]
         present = active & state.prev_present[ring]
         info = StepInfo(active=active, present=present, k=row["k"], diff_l1=_mean_abs(feats - prev),
@@ -119,15 +150,13 @@ class Sampler:
         compute = dec.compute | empty
         dec = dec._replace(acc=jnp.where(empty & ~dec.compute, 0.0, dec.acc),
                            reason=jnp.where(empty & ~dec.compute, jnp.int8(NEW), dec.reason))
-        window_end = jnp.max(jnp.where(active, chunk, -1)) + 1
 
         def position(carry, j):
             def run(carry):
                 latents, cache, has_cache, kv, n = carry
                 r = ring[j]
                 xj, cj = _take(latents, r), _take(cache, r)
-                slot = SlotInfo(chunk=chunk[j], k=row["k"][j], t=row["t"][j], dt=row["dt"][j], position=j,
-                                window_end=window_end)
+                slot = slot_info(j)
 
                 def forward(kv):
                     out, kv = d.forward_chunk(params, cond, xj, slot, kv)
@@ -144,28 +173,34 @@ class Sampler:
                     return x_new, cj, kv, jnp.zeros((), jnp.int32)
 
                 x_new, c_new, kv, ran = jax.lax.cond(compute[j], forward, replay, kv)
-                upd = jnp.mean(jnp.abs(x_new - xj)) / jnp.maximum(jnp.mean(jnp.abs(xj)), 1e-30)
+                step_l1 = jnp.mean(jnp.abs(x_new - xj))
+                upd = step_l1 / jnp.maximum(jnp.mean(jnp.abs(xj)), 1e-30)
+                vel = jnp.where(slot.dt != 0, step_l1 / jnp.abs(jnp.where(slot.dt != 0, slot.dt, 1.0)), jnp.nan)
                 carry = (_put(latents, r, x_new), _put(cache, r, c_new),
                          has_cache.at[r].set(has_cache[r] | (ran > 0)), kv, n + ran)
-                return carry, upd
+                return carry, (upd, vel.astype(jnp.float32))
 
-            return jax.lax.cond(active[j], run, lambda c: (c, jnp.float32(jnp.nan)), carry)
+            nan = jnp.float32(jnp.nan)
+            return jax.lax.cond(active[j], run, lambda c: (c, (nan, nan)), carry)
 
         carry = (state.latents, state.cache, state.has_cache, state.kv, state.computed)
-        (latents, cache, has_cache, kv, computed), upd = jax.lax.scan(position, carry, jnp.arange(w))
+        (latents, cache, has_cache, kv, computed), (upd, vel_l1) = jax.lax.scan(position, carry, jnp.arange(w))
+        # The metric's anchor: every step's features, or (FirstBlockCache) those of the last computed step.
+        keep_feat = active & (compute if self.anchor == "computed" else True)
         state = state.replace(
             latents=latents, cache=cache, has_cache=has_cache, kv=kv, computed=computed, glob=dec.glob,
             acc=state.acc.at[ring_drop].set(dec.acc, mode="drop"),
-            prev_feat=state.prev_feat.at[ring_drop].set(feats, mode="drop"),
+            prev_feat=state.prev_feat.at[jnp.where(keep_feat, ring, w)].set(feats, mode="drop"),
             prev_present=jnp.zeros_like(state.prev_present).at[ring_drop].set(True, mode="drop"),
-            step=state.step + 1)
+            probed=state.probed + probed, step=state.step + 1)
         rel = jnp.where(present, info.diff_l1 / (info.prev_l1 + 1e-8), jnp.nan)
         nan = jnp.float32(jnp.nan)
         rec = {"decisions": jnp.where(active, compute.astype(jnp.int8), jnp.int8(-1)),
                "chunk": jnp.where(active, chunk, -1), "rel": rel, "update_l1": upd,
                "acc_before": jnp.where(active, acc_before, nan), "acc": jnp.where(active, dec.acc, nan),
                "reason": jnp.where(active, dec.reason, jnp.int8(-1)).astype(jnp.int8),
-               "diff_l1": jnp.where(present, info.diff_l1, nan), "prev_l1": jnp.where(present, info.prev_l1, nan)}
+               "diff_l1": jnp.where(present, info.diff_l1, nan), "prev_l1": jnp.where(present, info.prev_l1, nan),
+               "velocity_l1": vel_l1}
         return state, rec
 
     def _reencode(self, params: Any, cond: Any, state: SamplerState, chunks: jax.Array) -> SamplerState:
@@ -204,7 +239,7 @@ class Sampler:
                 neg = jnp.full((w,), -1, jnp.int8)
                 return state, {"decisions": neg, "chunk": jnp.full((w,), -1, jnp.int32), "rel": nan,
                                "update_l1": nan, "acc_before": nan, "acc": nan, "reason": neg, "diff_l1": nan,
-                               "prev_l1": nan}
+                               "prev_l1": nan, "velocity_l1": nan}
             return jax.lax.cond(row["step_valid"], lambda s: self._step(params, cond, s, row), skip, state)
 
         rows = {k: tab[k] for k in _STEP_KEYS}
@@ -257,6 +292,10 @@ class Sampler:
         if limit is not None and table.n_chunks > limit:
             raise ValueError(f"the schedule has {table.n_chunks} chunks but the denoiser's KV buffer holds {limit}")
         state = self.init_state(params, cond)
+        if hasattr(self.denoiser, "prepare_kv"):  # e.g. the clean prefix of a video continuation
+            if self._prepare is None:
+                self._prepare = jax.jit(self.denoiser.prepare_kv)
+            state = state.replace(kv=self._prepare(params, cond, state.kv))
         t_compile = self.compile(params, cond, state, table)
         compiled = self._compiled[(table.steps_per_stage, table.window)]
         video = np.zeros((self.batch, table.n_chunks, *self.denoiser.chunk_shape), np.float32)
@@ -291,13 +330,15 @@ class Sampler:
                 stage_latents.append(video.copy())
                 if hasattr(self.denoiser, "report"):
                     reports.append(jax.tree.map(np.asarray, self.denoiser.report(state.kv)))
-        computed = int(state.computed)
+        computed, probing = int(state.computed), self.features != "input"
         t_denoise = time.perf_counter() - t0
         rec = {k: np.concatenate([np.asarray(r[k]) for r in recs])[table.step_valid.reshape(-1)]
                for k in recs[0]}
         return RunResult(video=video, decisions=rec["decisions"], chunk=rec["chunk"], rel=rec["rel"],
                          update_l1=rec["update_l1"], acc_before=rec["acc_before"], acc=rec["acc"],
-                         reason=rec["reason"], diff_l1=rec["diff_l1"], prev_l1=rec["prev_l1"], computed=computed,
+                         reason=rec["reason"], diff_l1=rec["diff_l1"], prev_l1=rec["prev_l1"],
+                         velocity_l1=rec["velocity_l1"], computed=computed, probes=int(state.probed),
+                         probe_cost=float(getattr(self.denoiser, "probe_cost", 0.0)) if probing else 0.0,
                          chunk_forwards_vanilla=table.chunk_forwards,
                          wall={"compile": t_compile, "denoise": t_denoise}, traces=self.traces,
                          stage_latents=np.stack(stage_latents) if record_stages else None,

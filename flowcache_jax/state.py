@@ -27,6 +27,7 @@ class SamplerState:
     glob: Any  # policy-global state
     step: jax.Array  # int32 []: global steps done
     computed: jax.Array  # int32 []: chunk forwards run so far
+    probed: jax.Array  # int32 []: first-block probes run so far (FirstBlockCache)
 
 
 def init_state(latent: jax.ShapeDtypeStruct, feat: jax.ShapeDtypeStruct, cache: jax.ShapeDtypeStruct,
@@ -40,4 +41,4 @@ def init_state(latent: jax.ShapeDtypeStruct, feat: jax.ShapeDtypeStruct, cache: 
         latents=zeros(latent), chunk=jnp.full((window,), -1, jnp.int32), acc=jnp.zeros((window,), jnp.float32),
         prev_feat=zeros(feat), prev_present=jnp.zeros((window,), bool), cache=zeros(cache),
         has_cache=jnp.zeros((window,), bool), kv=kv, glob=glob, step=jnp.zeros((), jnp.int32),
-        computed=jnp.zeros((), jnp.int32))
+        computed=jnp.zeros((), jnp.int32), probed=jnp.zeros((), jnp.int32))

@@ -42,6 +42,7 @@ class Magi1Denoiser:
     cache_chunks: int | None = None  # KV compression: buffer of this many chunks (None: the whole video)
     compression: CompressConfig | None = None  # scoring settings; its budget is set from the layout
     query_granularity: str = "frame"  # queries scored at a compression: last 50 tokens / last frame / chunk
+    prefix_chunks: int = 0  # clean chunks given before the video (continuation): ``cond["prefix"]``, see prepare_kv
 
     @property
     def chunk_shape(self) -> tuple[int, int, int, int]:
@@ -124,17 +125,37 @@ class Magi1Denoiser:
     def forward_chunk(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict
                       ) -> tuple[ChunkOutput, dict]:
         y, mask = cond["y"][info.chunk], cond["mask"][info.chunk]
-        v, kv = self._call(params, x, info.t, y, mask, kv, info.chunk, self._first_key_chunk(info.chunk, info.k),
-                           True, info.k)
+        chunk = info.chunk + self.prefix_chunks  # the model's chunk index (RoPE, KV slot) counts the prefix
+        v, kv = self._call(params, x, info.t, y, mask, kv, chunk, self._first_key_chunk(chunk, info.k), True, info.k)
         if self.nearly_clean_k is not None and not self.discard_duplicate:
             dup = (info.position == 0) & (info.k >= self.nearly_clean_k)
 
             def duplicate(kv):  # same latent, time and caption at the slot after the window, sees only itself
-                vd, kv = self._call(params, x, info.t, y, mask, kv, info.window_end, None, False, info.k)
+                vd, kv = self._call(params, x, info.t, y, mask, kv, info.window_end + self.prefix_chunks, None, False,
+                                    info.k)
                 return self.prev_chunks_scale * v + (1 - self.prev_chunks_scale) * vd, kv
 
             v, kv = jax.lax.cond(dup, duplicate, lambda kv: (v, kv), kv)
         return ChunkOutput(velocity=v, residual=v), kv
+
+    @property
+    def probe_cost(self) -> float:
+        """A first-block probe's share of a chunk forward (one of ``num_layers`` blocks)."""
+        return 1.0 / self.cfg.num_layers
+
+    def probe_features(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict) -> jax.Array:
+        """FirstBlockCache's metric: the first block's residual [S, D] of the chunk over the current buffer."""
+        cfg1 = dataclasses.replace(self.cfg, num_layers=1)
+        p1 = dict(params, layers=jax.tree.map(lambda a: a[:1], params["layers"]))
+        buf, ctn, chunk = kv["buf"], self.tokens_per_chunk, info.chunk + self.prefix_chunks
+        interval = jnp.asarray(self.distill_intervals, jnp.float32)[info.k % len(self.distill_intervals)]
+        _, _, inter = forward_call(
+            cfg1, p1, x[0], info.t[None], cond["y"][info.chunk][None], cond["mask"][info.chunk][None],
+            jnp.stack([chunk * ctn, (chunk + 1) * ctn])[None], (buf.k[:1], buf.v[:1]), chunk, self.num_steps, 0,
+            interval, self.key_tile, with_intermediates=True,
+            buffer_mask=kvbuf.read_mask(buf, chunk, self._first_key_chunk(chunk, info.k)),
+            write_start=self.layout.slot_start(chunk))
+        return inter["layer_out"][0].astype(jnp.float32) - inter["x_embed"].astype(jnp.float32)
 
     def velocity_from_residual(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo,
                                residual: jax.Array) -> jax.Array:
@@ -142,9 +163,19 @@ class Magi1Denoiser:
 
     def encode_clean(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict) -> dict:
         """Re-encode a finished chunk at ``clean_t`` with the null caption, only to write its K/V."""
-        _, kv = self._call(params, x, jnp.float32(self.clean_t), cond["null_y"][info.chunk],
-                           cond["null_mask"][info.chunk], kv, info.chunk, self._first_key_chunk(info.chunk, None),
-                           True, jnp.int32(0))
+        chunk = info.chunk + self.prefix_chunks
+        _, kv = self._call(params, x, jnp.float32(self.clean_t), cond["null_y"][jnp.maximum(info.chunk, 0)],
+                           cond["null_mask"][jnp.maximum(info.chunk, 0)], kv, chunk,
+                           self._first_key_chunk(chunk, None), True, jnp.int32(0))
+        return kv
+
+    def prepare_kv(self, params: dict, cond: dict, kv: dict) -> dict:
+        """Before the video: encode the given clean prefix chunks (``cond["prefix"]`` [p, C, F, H, W]) into the
+        buffer, oldest first, so the generated chunks continue them (MAGI-1's video continuation)."""
+        for i in range(self.prefix_chunks):
+            info = SlotInfo(chunk=jnp.int32(i - self.prefix_chunks), k=jnp.int32(0), t=jnp.float32(self.clean_t),
+                            dt=jnp.float32(0.0), position=jnp.int32(-1), window_end=jnp.int32(i + 1))
+            kv = self.encode_clean(params, cond, cond["prefix"][i][None], info, kv)
         return kv
 
     def end_stage(self, params: dict, kv: dict, finished: jax.Array, n_chunks: jax.Array) -> dict:
@@ -152,8 +183,8 @@ class Magi1Denoiser:
         lay = self.layout
         if self.compression is None or lay.history_chunks < 1:
             return kv
-        c = jnp.max(finished)
-        trigger = (c >= lay.history_chunks) & (c + self.window < n_chunks)
+        c = jnp.max(finished) + self.prefix_chunks
+        trigger = (c >= lay.history_chunks) & (c + self.window < n_chunks + self.prefix_chunks)
 
         def compress(kv):
             buf, idx = kvbuf.compact(kv["buf"], lay, c, kv["last_q"], self.compression)

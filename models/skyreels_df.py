@@ -9,6 +9,7 @@ guidance), then advances the frames of the update mask with their own FlowUniPC 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -57,17 +58,27 @@ def run_window(cfg: SkyReelsConfig, params: dict, latents: jax.Array, ctx_cond: 
 
     ``compute`` [I, 2] (cond, uncond; e.g. from ``teacache_decisions``): where False the branch runs no
     transformer block and replays its last whole-window residual (a scalar ``lax.cond``, a real skip).
+    The compiled scan is cached per window shape and setting, so later windows and runs do not recompile.
     """
-    solver = FlowUniPC(sigmas, reference_aliasing=reference_aliasing)
-    model_t = jnp.asarray(plan.model_t(timesteps, addnoise_condition))
     p = plan.prefix_frames
-    a = 0.001 * addnoise_condition
+    iters = len(plan.update_mask)
     if addnoise_eps is None:
-        addnoise_eps = jnp.zeros((len(plan.update_mask), latents.shape[0], p, *latents.shape[2:]), latents.dtype)
-
+        addnoise_eps = jnp.zeros((iters, latents.shape[0], p, *latents.shape[2:]), jnp.float32)
     if compute is None:
-        compute = np.ones((len(plan.update_mask), 2), bool)
-    c, frames, hh, ww = latents.shape
+        compute = np.ones((iters, 2), bool)
+    fn = _window_fn(cfg, tuple(latents.shape), causal_block_size, float(guidance), int(addnoise_condition), p,
+                    reference_aliasing, np.asarray(sigmas, np.float32).tobytes())
+    return fn(params, jnp.asarray(latents), ctx_cond, ctx_uncond, jnp.int32(fps),
+              jnp.asarray(plan.model_t(timesteps, addnoise_condition)), jnp.asarray(plan.update_mask),
+              jnp.asarray(addnoise_eps), jnp.asarray(compute))
+
+
+@functools.lru_cache(maxsize=32)
+def _window_fn(cfg: SkyReelsConfig, shape: tuple[int, ...], causal_block_size: int, guidance: float,
+               addnoise_condition: int, p: int, reference_aliasing: bool, sigmas: bytes):
+    solver = FlowUniPC(np.frombuffer(sigmas, np.float32), reference_aliasing=reference_aliasing)
+    a = 0.001 * addnoise_condition
+    c, frames, hh, ww = shape
     pt, ph, pw = cfg.patch_size
     hw = (hh // ph) * (ww // pw)
     n = frames // pt * hw
@@ -76,34 +87,41 @@ def run_window(cfg: SkyReelsConfig, params: dict, latents: jax.Array, ctx_cond: 
     end = (frame_of // causal_block_size + 1) * causal_block_size * hw if causal_block_size else jnp.full((n,), n)
     ranges = jnp.stack([jnp.zeros_like(end), end], -1)[:, None, :]
 
-    def branch(x_in, t, ctx, run, res):
-        cond = conditions(cfg, params, t, ctx, fps)
-        h_in = dense(patchify(cfg, x_in), params["patch"], jnp.float32)
+    def run(params, latents, ctx_cond, ctx_uncond, fps, model_t, update_mask, addnoise_eps, compute):
+        def branch(x_in, t, ctx, run, res):
+            cond = conditions(cfg, params, t, ctx, fps)
+            h_in = dense(patchify(cfg, x_in), params["patch"], jnp.float32)
 
-        def blocks(res):
-            h, _, _ = run_blocks(cfg, params, h_in, cond["e0"], frame_of, cond["ctx"], cos, sin, ranges)
-            return h - h_in
+            def blocks(res):
+                h, _, _ = run_blocks(cfg, params, h_in, cond["e0"], frame_of, cond["ctx"], cos, sin, ranges)
+                return h - h_in
 
-        res = jax.lax.cond(run, blocks, lambda r: r, res)
-        return unpatchify(cfg, head(cfg, params, h_in + res, cond["e"], frame_of), frames, hh, ww), res
+            res = jax.lax.cond(run, blocks, lambda r: r, res)
+            return unpatchify(cfg, head(cfg, params, h_in + res, cond["e"], frame_of), frames, hh, ww), res
 
-    def iteration(carry, xs):
-        x, state, res_c, res_u = carry
-        t, mask, eps, run = xs
-        x_in = x
-        if p:
-            x_in = x.at[:, :p].set(x[:, :p] * (1 - a) + eps * a)
-        v_c, res_c = branch(x_in, t, ctx_cond, run[0], res_c)
-        v_u, res_u = branch(x_in, t, ctx_uncond, run[1], res_u)
-        v = v_u + guidance * (v_c - v_u)
-        x, state = solver.step(state, x, v, mask)
-        return (x, state, res_c, res_u), x
+        def iteration(carry, xs):
+            x, state, res_c, res_u = carry
+            t, mask, eps, run = xs
+            x_in = x
+            if p:
+                x_in = x.at[:, :p].set(x[:, :p] * (1 - a) + eps * a)
+            v_c, res_c = branch(x_in, t, ctx_cond, run[0], res_c)
+            v_u, res_u = branch(x_in, t, ctx_uncond, run[1], res_u)
+            v = v_u + guidance * (v_c - v_u)
+            x, state = solver.step(state, x, v, mask)
+            return (x, state, res_c, res_u), x
 
-    zeros = jnp.zeros((n, cfg.dim), jnp.float32)
-    step = jax.jit(lambda x: jax.lax.scan(iteration, (x, solver.init_state(x), zeros, zeros),
-                                          (model_t, jnp.asarray(plan.update_mask), addnoise_eps,
-                                           jnp.asarray(compute)))[1])
-    return step(latents)
+        zeros = jnp.zeros((n, cfg.dim), jnp.float32)
+        return jax.lax.scan(iteration, (latents, solver.init_state(latents), zeros, zeros),
+                            (model_t, update_mask, addnoise_eps, compute))[1]
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=32)
+def cached_conditions(cfg: SkyReelsConfig, fps: int):
+    """The jitted time/text conditioning of a model and fps, shared by every window and run."""
+    return jax.jit(lambda prm, t, ctx: conditions(cfg, prm, t, ctx, fps))
 
 
 POLY_1P3B_NORET = (2.39676752e3, -1.31110545e3, 2.01331979e2, -8.29855975, 1.37887774e-1)  # spec flowcache §2.3
@@ -135,9 +153,8 @@ class WindowTeaCache:
 def teacache_decisions(cfg: SkyReelsConfig, params: dict, model_t: np.ndarray, fps: int, tc: WindowTeaCache,
                        state: dict | None = None) -> tuple[np.ndarray, dict, dict]:
     """Host-side decisions [I, 2] (cond, uncond) and records; they depend only on the timesteps."""
-    from models.skyreels_v2 import conditions
-
-    cond_fn = jax.jit(lambda t: conditions(cfg, params, t, jnp.zeros((1, cfg.text_dim)), fps))
+    jitted = cached_conditions(cfg, fps)
+    cond_fn = lambda t: jitted(params, t, jnp.zeros((1, cfg.text_dim)))  # noqa: E731
     if state is None or tc.counter == "intended":
         state = {"cnt": 0, "acc": [0.0, 0.0], "prev": [None, None]}
     iters = len(model_t)

@@ -12,6 +12,7 @@ The decisions depend only on timesteps, so they are made on the host; a reused g
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,8 @@ import numpy as np
 from flowcache_jax.kv.compress import CompressConfig
 from flowcache_jax.solvers import FlowUniPC
 from models.layers import dense
-from models.skyreels_df import DFWindow
-from models.skyreels_v2 import SkyReelsConfig, conditions, head, patchify, rope_tables, run_blocks, unpatchify
+from models.skyreels_df import DFWindow, cached_conditions
+from models.skyreels_v2 import SkyReelsConfig, head, patchify, rope_tables, run_blocks, unpatchify
 
 POLY_1P3B_RET = (-5.21862437e4, 9.23041404e3, -5.28275948e2, 1.36987616e1, -4.99875664e-2)  # spec §2.3
 
@@ -33,6 +34,7 @@ class GroupCache:
     coeffs: tuple[float, ...] = POLY_1P3B_RET
 
 
+@functools.lru_cache(maxsize=32)
 def _group_forward(cfg: SkyReelsConfig, frames_per_group: int, tpg: int, ccfg: CompressConfig | None = None):
     """Compiled per-group forwards: (params, tokens, e0, ctx, cos, sin, kv, g, key_mask, clean_rows, keep)
     -> (h_in, h_out, kv, kept indices). ``key_mask`` None: slots 0..g (the plain executor); otherwise the
@@ -51,6 +53,11 @@ def _group_forward(cfg: SkyReelsConfig, frames_per_group: int, tpg: int, ccfg: C
         return h_in, h_out, kv, (extra[1] if comp is not None else None)
 
     return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=32)
+def _head_fn(cfg: SkyReelsConfig, hw: int):
+    return jax.jit(lambda prm, h, e: head(cfg, prm, h, e, jnp.arange(h.shape[0]) // hw))
 
 
 def run_window(cfg: SkyReelsConfig, params: dict, latents: np.ndarray, ctx_cond: jax.Array, ctx_uncond: jax.Array,
@@ -83,8 +90,7 @@ def run_window(cfg: SkyReelsConfig, params: dict, latents: np.ndarray, ctx_cond:
         base = compression or CompressConfig(budget=1)
         ccfg = dataclasses.replace(base, budget=budget_block * tpg)
     group_fn = _group_forward(cfg, frames_per_group // pt, tpg, ccfg)
-    head_fn = jax.jit(lambda prm, h, e: head(cfg, prm, h, e, jnp.arange(h.shape[0]) // hw))
-    cond_fn = jax.jit(lambda prm, t, ctx: conditions(cfg, prm, t, ctx, fps))
+    head_fn, cond_fn = _head_fn(cfg, hw), cached_conditions(cfg, fps)
     solver = FlowUniPC(sigmas)
     x = jnp.asarray(latents)
     state = solver.init_state(x)

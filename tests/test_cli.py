@@ -32,7 +32,8 @@ def test_run_writes_results(tmp_path):
     assert len(r["decisions"]) == (3 + 2 - 1) * 4 and len(r["decisions"][0]) == 2
     assert sum(v == 1 for row in r["decisions"] for v in row) == r["chunk_forwards_computed"]
     assert r["chunk_forwards_vanilla"] == 3 * 8
-    assert (tmp_path / "preview.png").stat().st_size > 0 and (tmp_path / "latents.npz").exists()
+    for name in ("video_frames.png", "video.mp4", "latents.npz"):
+        assert (tmp_path / name).stat().st_size > 0
     assert "computed_fraction" in p.stdout
 
 

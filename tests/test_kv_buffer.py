@@ -79,3 +79,38 @@ def test_compression_changes_the_video_only_after_it_triggers():
     assert np.abs(small.video - full.video).max() > 1e-3
     den = dataclasses.replace(Magi1Denoiser(TINY, 2, 4, 4, 4, 4, 2), cache_chunks=3)
     assert den.layout.history_chunks == 1
+
+
+def continuation(prefix: np.ndarray | None, n: int = 3, window: int = 2, per_stage: int = 2):
+    """MAGI-1 continuing ``prefix`` [p, C, F, H, W] (None: from scratch) with the same seed."""
+    steps = window * per_stage
+    grid = magi_time_grid(steps)
+    p = 0 if prefix is None else len(prefix)
+    den = Magi1Denoiser(TINY, chunk_frames=2, latent_h=4, latent_w=4, n_chunks=n + p, num_steps=steps,
+                        steps_per_stage=per_stage, prefix_chunks=p)
+    params = init_params(TINY, jax.random.PRNGKey(0))
+    y, m = null_captions(params, n)
+    cond = {k: jnp.asarray(a) for k, a in dict(y=y, mask=m, null_y=y, null_mask=m).items()}
+    if p:
+        cond["prefix"] = jnp.asarray(prefix)
+    sampler = Sampler(den, FlowCache(threshold=0.05, warmup=1), window, 1)
+    kv = den.prepare_kv(params, cond, den.init_kv(1, window))
+    res = sampler.run(params, cond, magi_schedule(n, window, steps, grid), jax.random.PRNGKey(1), progress=False)
+    return den, kv, res
+
+
+def test_a_continuation_attends_to_its_prefix():
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((2, 4, 2, 4, 4)).astype(np.float32) for _ in range(2))
+    den, kv, res_a = continuation(a)
+    owner = np.asarray(kv["buf"].owner)
+    ctn = den.tokens_per_chunk
+    np.testing.assert_array_equal(owner[:2 * ctn], np.repeat([0, 1], ctn))  # the prefix fills chunks 0 and 1
+    assert (owner[2 * ctn:] == kvbuf.EMPTY).all()
+    frames = np.asarray(kv["buf"].frame)[0, 0, :2 * ctn]
+    np.testing.assert_array_equal(frames, np.repeat([0, 1, 2, 3], ctn // 2))  # RoPE positions of the prefix
+    _, _, res_b = continuation(b)
+    _, _, res_none = continuation(None)
+    assert res_a.video.shape == res_none.video.shape == (1, 3, 4, 2, 4, 4)
+    assert np.abs(res_a.video - res_b.video).mean() > 1e-3  # the prefix conditions the generated chunks
+    assert np.abs(res_a.video - res_none.video).mean() > 1e-3

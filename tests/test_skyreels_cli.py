@@ -1,7 +1,13 @@
-"""SkyReels-V2 from the command line: the FLOPs model, and a clear message where runs are not wired yet."""
+"""SkyReels-V2 from the command line: FLOPs, runs and benchmarks on the converted fixture weights, errors."""
 
 import json
+import os
+import subprocess
+import sys
 
+import pytest
+
+from tests.conftest import ROOT
 from tests.test_cli import cli
 
 
@@ -15,9 +21,47 @@ def test_flops_reproduce_the_paper(tmp_path):
     assert r["total_pflops_full"] > 1.4 * r["total_pflops"]  # full attention: 165 PF
 
 
-def test_run_says_what_is_missing():
-    p = cli("run.py", "--config=skyreels_fast")
-    assert p.returncode == 2 and "Traceback" not in p.stderr and "not wired into run.py" in p.stderr
+SMALL = ["--config.video.height=64", "--config.video.width=96", "--config.video.num_frames=37",
+         "--config.video.base_num_frames=21", "--config.video.overlap_history=5",
+         "--config.sampler.causal_block_size=2", "--config.sampler.ar_step=2", "--config.sampler.num_steps=12"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from tests.test_skyreels_parity import FIXTURE
+
+    dst = tmp_path_factory.mktemp("sky") / "ckpt"
+    p = subprocess.run([sys.executable, "-m", "converters.convert", "--model=skyreels_v2",
+                        f"--src={FIXTURE / 'weights.safetensors'}", f"--model_config={FIXTURE / 'config.json'}",
+                        f"--dst={dst}"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr
+    return dst
+
+
+def test_run_flowcache_small_video(converted, tmp_path):
+    p = cli("run.py", "--config=skyreels_fast", f"--config.checkpoint={converted}", *SMALL, f"--output_dir={tmp_path}",
+            "--noprogress")
+    assert p.returncode == 0, p.stderr
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert 0 < r["computed_fraction"] < 1 and r["num_chunks"] == 5  # 10 latent frames in blocks of 2
+    assert r["notes"]["windows"] == [[6, 0], [6, 2]]
+    assert r["vs_vanilla"]["psnr"] > 30
+    assert (tmp_path / "video.mp4").stat().st_size > 0
+
+
+def test_benchmark_and_teacache(converted, tmp_path):
+    p = cli("benchmark.py", "--config=skyreels_teacache_fast", f"--config.checkpoint={converted}", *SMALL,
+            "--repeats=1", f"--output_dir={tmp_path}")
+    assert p.returncode == 0, p.stderr
+    r = json.loads((tmp_path / "benchmark.json").read_text())
+    assert r["speedup_ideal"] >= 1 and r["speedup_wall"] > 0 and r["flops"]["vanilla_pflops"] > 0
+
+
+def test_run_without_checkpoint_is_one_line(tmp_path):
+    p = cli("run.py", "--config=skyreels_fast", f"--output_dir={tmp_path}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "converters.convert --model=skyreels_v2" in p.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_compare_pytorch(tmp_path):

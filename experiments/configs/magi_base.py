@@ -25,6 +25,9 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
         compress=False,  # FlowCache's KV compression: a fixed buffer of budget_chunks chunks (spec flowcache §4.2)
         budget_chunks=5,  # total_cache_chunk_nums as shipped: window + compressed history (here 1 chunk)
         mix_lambda=0.07, kernel=7, query_granularity="frame"))
+    c.prefix = ml_collections.ConfigDict(dict(
+        chunks=0, source="file", file=""))  # video continuation: .npz "latents" [16, T, H, W], its last chunks
     c.policy = ml_collections.ConfigDict(dict(
-        name=policy, threshold=threshold, warmup=5, coeffs=(), reuse="displacement", metric_dtype="float32"))
+        name=policy, threshold=threshold, warmup=5, coeffs=(), reuse="displacement", metric_dtype="float32",
+        ratios=(), max_skips=4))  # MagCache: calibrated ratios per step (empty: calibrate), skip cap
     return c

@@ -8,6 +8,7 @@ def get_base(name: str, policy: str, threshold: float = 0.0) -> ml_collections.C
     c.name = name
     c.model = "skyreels_v2"
     c.checkpoint = ""  # the converter's output folder (python -m converters.convert --model=skyreels_v2 ...)
+    c.caption_file = ""  # .npz with "context" [L, 4096] (+ "negative_context"): umT5 outputs; empty: zero contexts
     c.seed = 1024
     c.batch = 1
     c.video = ml_collections.ConfigDict(dict(

@@ -18,5 +18,6 @@ def get_base(name: str, policy: str, threshold: float = 0.0) -> ml_collections.C
     c.policy = ml_collections.ConfigDict(dict(
         name=policy, threshold=threshold, warmup=5, coeffs=(),
         reuse="displacement",  # "displacement" (MAGI: replay the latent step) or "residual" (SkyReels)
-        metric_dtype="float32"))  # "bfloat16" reproduces the MAGI reference's metric rounding
+        metric_dtype="float32",  # "bfloat16" reproduces the MAGI reference's metric rounding
+        ratios=(), max_skips=4))  # MagCache: calibrated ratios per step (empty: calibrate), skip cap
     return c

@@ -1,0 +1,209 @@
+r"""Train the tiny MAGI-1 on procedural videos (the embedded default's checkpoint), resumable.
+
+  python experiments/train_tiny.py --output_dir=D [--steps=N] [--batch=8] [--max_minutes=45]
+
+Flow matching in MAGI-1's convention (t = 0 noise, 1 clean, x_t = t·x1 + (1 - t)·x0, target x1 - x0) with
+diffusion forcing: every chunk of a clip has its own noise level, older chunks are cleaner (as in the AR
+window at inference), a random number of leading chunks are clean context, attention is block-causal by
+chunk. Writes D/train_state (orbax, resumed on restart), D/loss.png, D/train_log.json and the exported
+model D/model (a converted-checkpoint folder: ``--config.checkpoint=D/model``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments.configs.tiny_base import TINY_MODEL  # noqa: E402
+from experiments.procedural_videos import VideoSpec, batch, to_latent  # noqa: E402
+from models.magi1 import Magi1Config, empty_buffer, forward_call, init_params  # noqa: E402
+
+_OUT = flags.DEFINE_string("output_dir", None, "Folder for train_state/, model/, loss.png (required).")
+_STEPS = flags.DEFINE_integer("steps", 2400, "Optimizer steps.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Clips per step.")
+_CHUNKS = flags.DEFINE_integer("chunks", 4, "Chunks per training clip.")
+_LR = flags.DEFINE_float("lr", 2e-3, "Peak learning rate (warm-up then cosine decay).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial weights and of the data stream.")
+_MAX_MIN = flags.DEFINE_float("max_minutes", 45.0, "Stop (and export) after this much wall time.")
+_SAVE_EVERY = flags.DEFINE_integer("save_every", 200, "Steps between resumable checkpoints.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 32, "Sampler steps the model is meant for (MAGI's step-size input).")
+_WINDOW = flags.DEFINE_integer("window", 4, "Inference window: spacing of the noise levels of adjacent chunks.")
+_CHUNK_FRAMES = flags.DEFINE_integer("chunk_frames", 2, "Frames per chunk.")
+_SIZE = flags.DEFINE_integer("size", 32, "Frame height and width.")
+
+FROZEN = ("t_freqs", "rope_bands")  # fixed tables stored with the params, never trained
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    cfg: Magi1Config
+    spec: VideoSpec
+    chunks: int
+    chunk_frames: int
+    num_steps: int
+    window: int
+
+
+def sample_times(key: jax.Array, chunks: int, window: int) -> jax.Array:
+    """Per-chunk times [chunks], non-decreasing noise with the chunk index, MAGI-shifted like the grid.
+
+    Half the clips look like the AR window (adjacent chunks 1/window apart in u), half have independent
+    sorted levels; a random number of leading chunks are clean context (t = 1). Half the clips map u to t
+    with MAGI's shift (dense near noise, like the sampling grid), half use t = u: the last, large steps of
+    the grid need an accurate velocity near the data end, which the shifted levels alone rarely train.
+    """
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    u0 = jax.random.uniform(k1)
+    win = jnp.clip(u0 - jnp.arange(chunks) / window, 0.0, 1.0)
+    ind = -jnp.sort(-jax.random.uniform(k2, (chunks,)))
+    u = jnp.where(jax.random.bernoulli(k3), win, ind)
+    n_clean = jax.random.randint(k4, (), 0, chunks)
+    u = jnp.where(jnp.arange(chunks) < n_clean, 1.0, u)
+    u2 = u * u
+    t = (u2 / 3.0) / (1.0 - u2 * (2.0 / 3.0))  # MAGI-1's square + shift 3
+    t = jnp.where(jax.random.bernoulli(k5), t, u)
+    return jnp.where(jnp.arange(chunks) < n_clean, 1.0, t)
+
+
+def loss_fn(params: dict, setup: TrainSetup, key: jax.Array) -> jax.Array:
+    cfg, k_, f = setup.cfg, setup.chunks, setup.chunk_frames
+    kd, kt, kn = jax.random.split(key, 3)
+    x1 = to_latent(batch(kd, 1, setup.spec))[0]  # [C, T, H, W]
+    t = sample_times(kt, k_, setup.window)
+    x0 = jax.random.normal(kn, x1.shape)
+    tf = jnp.repeat(t, f)[None, :, None, None]
+    xt = tf * x1 + (1 - tf) * x0
+    hw = (x1.shape[2] // cfg.patch_size) * (x1.shape[3] // cfg.patch_size)
+    ctn = f * hw // cfg.t_patch_size
+    kv_range = jnp.stack([jnp.zeros(k_, jnp.int32), (jnp.arange(k_) + 1) * ctn], -1)  # block-causal
+    y = jnp.broadcast_to(params["y_embed"]["null_caption"][None], (k_, *params["y_embed"]["null_caption"].shape))
+    mask = jnp.ones(y.shape[:2], jnp.float32)
+    vel, _, _ = forward_call(cfg, params, xt, t, y, mask, kv_range, empty_buffer(cfg, 1), 0, setup.num_steps, 0)
+    err = jnp.square(vel - (x1 - x0)).reshape(x1.shape[0], k_, -1).mean((0, 2))
+    noisy = (t < 1.0).astype(jnp.float32)
+    return jnp.sum(err * noisy) / jnp.maximum(noisy.sum(), 1.0)
+
+
+def make_optimizer(steps: int, lr: float) -> optax.GradientTransformation:
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10 + 1), steps, lr * 0.05)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-4))
+
+
+def make_step(setup: TrainSetup, opt: optax.GradientTransformation, batch_size: int, ema_decay: float = 0.999):
+    fixed = init_params(setup.cfg, jax.random.PRNGKey(0))  # only its (deterministic) frozen tables are used
+
+    def step(state: dict, key: jax.Array) -> tuple[dict, jax.Array]:
+        keys = jax.random.split(key, batch_size)
+        loss, grads = jax.value_and_grad(lambda p: jax.vmap(lambda k: loss_fn(p, setup, k))(keys).mean())(
+            state["params"])
+        grads = {k: (jax.tree.map(jnp.zeros_like, v) if k in FROZEN else v) for k, v in grads.items()}
+        updates, opt_state = opt.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        params = {**params, **{k: fixed[k] for k in FROZEN}}  # weight decay must not touch the fixed tables
+        decay = jnp.minimum(ema_decay, (1.0 + state["step"]) / (10.0 + state["step"]))  # no bias towards the init
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+        ema = {**ema, **{k: fixed[k] for k in FROZEN}}
+        return {"params": params, "ema": ema, "opt": opt_state, "step": state["step"] + 1}, loss
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def init_state(setup: TrainSetup, opt: optax.GradientTransformation, seed: int) -> dict:
+    params = init_params(setup.cfg, jax.random.PRNGKey(seed))
+    params["final"] = jax.tree.map(jnp.zeros_like, params["final"])  # start from a zero velocity
+    ema = jax.tree.map(jnp.copy, params)
+    return {"params": params, "ema": ema, "opt": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def plot_loss(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flowcache_jax.io import save_figure
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    x = np.arange(1, len(losses) + 1)
+    ax.plot(x, losses, lw=0.5, alpha=0.4, label="per step")
+    w = max(1, len(losses) // 50)
+    if len(losses) >= w:
+        ax.plot(x[w - 1:], np.convolve(losses, np.ones(w) / w, "valid"), label=f"mean of {w}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching MSE")
+    ax.legend()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
+
+    from flowcache_jax import checkpoint, io
+
+    if not _OUT.value:
+        raise app.UsageError("--output_dir is required")
+    out = Path(_OUT.value).resolve()
+    spec = VideoSpec(frames=_CHUNKS.value * _CHUNK_FRAMES.value, height=_SIZE.value, width=_SIZE.value)
+    cfg = Magi1Config.from_upstream(TINY_MODEL, "float32")
+    setup = TrainSetup(cfg, spec, _CHUNKS.value, _CHUNK_FRAMES.value, _NUM_STEPS.value, _WINDOW.value)
+    opt = make_optimizer(_STEPS.value, _LR.value)
+    state = init_state(setup, opt, _SEED.value)
+    log_path = out / "train_log.json"
+    losses: list[float] = json.loads(log_path.read_text())["losses"] if log_path.is_file() else []
+    mngr = ocp.CheckpointManager(out / "train_state", options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    if mngr.latest_step() is not None:
+        state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
+        losses = losses[:int(state["step"])]
+        print(f"resumed from step {int(state['step'])}")
+    step_fn = make_step(setup, opt, _BATCH.value)
+    data_key = jax.random.PRNGKey(_SEED.value + 1)
+    t0, start = time.perf_counter(), int(state["step"])
+    bar = tqdm(range(start, _STEPS.value), initial=start, total=_STEPS.value, desc="train")
+
+    def save(step: int) -> None:
+        mngr.save(step, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+        io.write_json(log_path, {"losses": losses})
+
+    for s in bar:
+        state, loss = step_fn(state, jax.random.fold_in(data_key, s))
+        losses.append(float(loss))
+        if s % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if (s + 1) % _SAVE_EVERY.value == 0:
+            save(s + 1)
+        if (time.perf_counter() - t0) / 60 > _MAX_MIN.value:
+            print(f"stopping at step {s + 1}: --max_minutes={_MAX_MIN.value} reached")
+            break
+    done = int(state["step"])
+    save(done)
+    plot_loss(losses, out / "loss.png")
+    final = float(np.mean(losses[-100:])) if losses else math.nan
+    meta = {"model": "magi1", "model_config": TINY_MODEL,
+            "training": {"steps": done, "batch": _BATCH.value, "chunks": _CHUNKS.value,
+                         "chunk_frames": _CHUNK_FRAMES.value, "size": _SIZE.value, "lr": _LR.value,
+                         "seed": _SEED.value, "num_steps": _NUM_STEPS.value, "window": _WINDOW.value,
+                         "final_loss_mean100": final, "weights": "ema(0.999, warm-up (1+n)/(10+n))",
+                         "wall_minutes_this_run": (time.perf_counter() - t0) / 60}}
+    checkpoint.save(out / "model", state["ema"], meta, overwrite=True)
+    print(f"step {done}: mean loss of the last 100 steps {final:.4f}; wrote {out / 'model'}, {out / 'loss.png'}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,55 @@
+"""The procedural videos and the tiny model's training objective (diffusion forcing, MAGI convention)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments.configs.tiny_base import TINY_MODEL
+from experiments.procedural_videos import VideoSpec, batch, from_latent, render, to_latent
+from experiments.train_tiny import TrainSetup, init_state, loss_fn, make_optimizer, make_step, sample_times
+from models.magi1 import Magi1Config
+
+SPEC = VideoSpec(frames=6, height=16, width=16)
+
+
+def test_videos_are_deterministic_and_move():
+    a, b = render(jax.random.PRNGKey(3), SPEC), render(jax.random.PRNGKey(3), SPEC)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (6, 16, 16, 3) and float(a.min()) >= -1 and float(a.max()) <= 1
+    c = render(jax.random.PRNGKey(4), SPEC)
+    assert float(jnp.abs(a - c).mean()) > 0.05  # another seed, another video
+    step = jnp.abs(a[1:] - a[:-1]).mean(axis=(1, 2, 3))
+    assert float(step.min()) > 1e-4 and float(step.max()) < 0.5  # it moves, continuously
+    v = batch(jax.random.PRNGKey(0), 3, SPEC)
+    np.testing.assert_array_equal(from_latent(to_latent(v)), v)
+    assert to_latent(v).shape == (3, 3, 6, 16, 16)
+
+
+def test_times_are_ordered_like_the_ar_window():
+    for i in range(200):
+        t = np.asarray(sample_times(jax.random.PRNGKey(i), 5, 4))
+        assert ((t >= 0) & (t <= 1)).all()
+        assert (np.diff(t) <= 1e-7).all()  # older chunks are never noisier than newer ones
+        assert t[-1] < 1.0  # at least one chunk is noisy (it carries the loss)
+
+
+def test_training_reduces_the_loss():
+    cfg = dataclasses.replace(Magi1Config.from_upstream(TINY_MODEL, "float32"), num_layers=1, hidden_size=32,
+                              ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1, kv_channels=16)
+    setup = TrainSetup(cfg, VideoSpec(frames=4, height=16, width=16), chunks=2, chunk_frames=2, num_steps=8,
+                       window=2)
+    opt = make_optimizer(60, 3e-3)
+    state = init_state(setup, opt, 0)
+    keys = [jax.random.PRNGKey(100 + i) for i in range(8)]
+    evaluate = jax.jit(lambda p: jnp.mean(jnp.stack([loss_fn(p, setup, k) for k in keys])))
+    before = float(evaluate(state["params"]))
+    step = make_step(setup, opt, 4)
+    for s in range(60):
+        state, _ = step(state, jax.random.fold_in(jax.random.PRNGKey(1), s))
+    after = float(evaluate(state["params"]))
+    assert after < 0.8 * before, (before, after)
+    frozen = init_state(setup, optax.sgd(0.0), 0)["params"]
+    np.testing.assert_array_equal(state["params"]["rope_bands"], frozen["rope_bands"])  # tables stay fixed
