@@ -35,18 +35,22 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 
 
 def test_quality_harness_schema_and_outputs(tmp_path):
+    from tests.test_lpips import export
+
+    weights = export(tmp_path / "lpips_random.safetensors")  # random AlexNet: checks the plumbing, not the values
     p = cli("quality.py", "--config=tiny", "--seeds=0", "--repeats=1", "--sweep_points=2", *SMALL,
-            f"--output_dir={tmp_path}", "--noprogress")
+            f"--lpips_weights={weights}", f"--output_dir={tmp_path}", "--noprogress")
     assert p.returncode == 0, p.stderr
     q = json.loads((tmp_path / "quality.json").read_text())
     for name in ("tiny_fast", "tiny_slow", "tiny_teacache_fast", "tiny_first_block", "tiny_magcache"):
-        assert {"speedup_ideal", "speedup_wall", "psnr", "ssim"} <= set(q["methods"][name])
+        assert {"speedup_ideal", "speedup_wall", "psnr", "ssim", "lpips"} <= set(q["methods"][name])
         assert (tmp_path / "side_by_side" / f"{name}.mp4").stat().st_size > 0
     assert {s["policy"] for s in q["sweep"]} == {"flowcache", "teacache", "first_block", "magcache"}
     assert q["methods"]["tiny_vanilla"]["speedup_ideal"] == 1.0
     assert q["methods"]["tiny_fast"]["speedup_ideal"] > 1.0
     assert (tmp_path / "pareto.png").stat().st_size > 0
-    assert "speedup_wall" in p.stdout
+    assert q["methods"]["tiny_vanilla"]["lpips"] < 1e-9 < q["methods"]["tiny_fast"]["lpips"]
+    assert "speedup_wall" in p.stdout and "lpips" in p.stdout
 
 
 def test_quality_unknown_family(tmp_path):
