@@ -1,14 +1,11 @@
 """SkyReels-V2 from the command line: FLOPs, runs and benchmarks on the converted fixture weights, errors."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.test_cli import cli
+from tests.test_converter import convert
 
 
 def test_flops_reproduce_the_paper(tmp_path):
@@ -31,10 +28,8 @@ def converted(tmp_path_factory):
     from tests.test_skyreels_parity import FIXTURE
 
     dst = tmp_path_factory.mktemp("sky") / "ckpt"
-    p = subprocess.run([sys.executable, "-m", "converters.convert", "--model=skyreels_v2",
-                        f"--src={FIXTURE / 'weights.safetensors'}", f"--model_config={FIXTURE / 'config.json'}",
-                        f"--dst={dst}"], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    p = convert("--model=skyreels_v2", f"--src={FIXTURE / 'weights.safetensors'}",
+                f"--model_config={FIXTURE / 'config.json'}", f"--dst={dst}")
     assert p.returncode == 0, p.stderr
     return dst
 

@@ -23,35 +23,46 @@ def vanilla_twin(path):
     return np.load(FIXTURE / path.name.replace("e2e_flowcache_", "e2e_vanilla_"))
 
 
+def fork_windows(f, van, run, cache, step, check_prefix=False):
+    """Walk a fork run's windows: the twin's noise with the previous window's tail as prefix, the window's plan and
+    overlap flag. ``step(w, x, plan, overlap, addnoise, eps)`` runs one window and returns its final latent."""
+    kw = json.loads(str(f["call_kwargs_json"]))
+    ar, addnoise = int(kw.get("ar_step", 0)), int(kw.get("addnoise_condition", 0))
+    prev, w = None, 0
+    while f"{run}_w{w}_final_latents" in f:
+        x = van[f"w{w}_noise"].copy()
+        key = f"{run}_w{w}_prefix_latents"
+        pre = f[key].shape[1] if key in f else 0
+        if pre:  # our own previous window's tail
+            if check_prefix:
+                np.testing.assert_allclose(prev[:, -pre:], f[key], **TOL)
+            x[:, :pre] = prev[:, -pre:]
+        plan = DFWindow.build(x.shape[1], int(REPORT["V"]["block"]), len(van["sched_timesteps"]), ar, pre)
+        # the fork sets its overlap flag only when the cache is on and ar_step > 0 (fixture README, defect 3)
+        overlap = bool(pre) and cache.threshold is not None and ar > 0
+        prev = step(w, x, plan, overlap, addnoise, van[f"w{w}_addnoise_eps"] if pre else None)
+        w += 1
+    return w
+
+
 @pytest.mark.parametrize("path,run,thr", CASES, ids=lambda v: v.stem if hasattr(v, "stem") else str(v))
 def test_flowcache_df_run(model, path, run, thr):  # noqa: F811
     cfg, params = model
     f, van = np.load(path), vanilla_twin(path)
-    kw = json.loads(str(f["call_kwargs_json"]))
-    block = int(REPORT["V"]["block"])
     cache = GroupCache(None if np.isnan(thr) else thr)
-    recs, prev_final, w = [], None, 0
-    while f"{run}_w{w}_final_latents" in f:
-        x = van[f"w{w}_noise"].copy()
-        pre = f[f"{run}_w{w}_prefix_latents"].shape[1] if f"{run}_w{w}_prefix_latents" in f else 0
-        if pre:  # our own previous window's tail
-            np.testing.assert_allclose(prev_final[:, -pre:], f[f"{run}_w{w}_prefix_latents"], **TOL)
-            x[:, :pre] = prev_final[:, -pre:]
-        steps = len(van["sched_timesteps"])
-        plan = DFWindow.build(x.shape[1], block, steps, int(kw.get("ar_step", 0)), pre)
+    recs = []
+
+    def step(w, x, plan, overlap, addnoise, eps):
         np.testing.assert_array_equal(plan.update_mask, f[f"{run}_w{w}_update_mask"])
-        # the fork sets its overlap flag only when the cache is on and ar_step > 0 (fixture README, defect 3)
-        overlap = bool(pre) and cache.threshold is not None and int(kw.get("ar_step", 0)) > 0
         ctx_c, ctx_u = jnp.asarray(van["context_cond"][0]), jnp.asarray(van["context_uncond"][0])
-        eps = van[f"w{w}_addnoise_eps"] if pre else None
         lat, rec = run_window(cfg, params, x, ctx_c, ctx_u, int(van["fps_index"][0]), plan, van["sched_sigmas"],
-                              van["sched_timesteps"], float(REPORT["guidance"]), block, cache, overlap,
-                              int(kw.get("addnoise_condition", 0)), eps)
+                              van["sched_timesteps"], float(REPORT["guidance"]), int(REPORT["V"]["block"]), cache,
+                              overlap, addnoise, eps)
         np.testing.assert_allclose(lat[-1], f[f"{run}_w{w}_final_latents"], **TOL, err_msg=f"window {w}")
         recs.append(rec)
-        prev_final = lat[-1]
-        w += 1
-    assert w >= 1
+        return lat[-1]
+
+    assert fork_windows(f, van, run, cache, step, check_prefix=True) >= 1
     for key in ("status", "group_update", "group_cnt_before"):
         np.testing.assert_array_equal(np.concatenate([r[key] for r in recs]), f[f"{run}_{key}"], err_msg=key)
     for key in ("rel_l1", "rescaled", "acc_after"):

@@ -1,14 +1,13 @@
 """FlowCache's SkyReels executor with KV compression vs the fork (e2e_flowcache_kv_{sync,async,long}.npz)."""
 
-import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.skyreels_df import DFWindow
 from models.skyreels_flowcache import GroupCache, run_window
 from tests.test_skyreels_df import REPORT
+from tests.test_skyreels_flowcache import fork_windows
 from tests.test_skyreels_parity import FIXTURE, model  # noqa: F401  (module-scoped fixture)
 
 FILES = sorted(FIXTURE.glob("e2e_flowcache_kv_*.npz"))
@@ -27,32 +26,26 @@ def test_flowcache_with_compression(model, path, run):  # noqa: F811
     cfg, params = model
     f = np.load(path)
     van = np.load(FIXTURE / path.name.replace("e2e_flowcache_kv_", "e2e_vanilla_"))
-    kw = json.loads(str(f["call_kwargs_json"]))
-    block, thr = int(REPORT["V"]["block"]), threshold(path, run)
+    thr = threshold(path, run)
     cache = GroupCache(None if np.isnan(thr) else thr)
-    recs, prev, w, offset = [], None, 0, 0
-    while f"{run}_w{w}_final_latents" in f:
-        x = van[f"w{w}_noise"].copy()
-        pre = f[f"{run}_w{w}_prefix_latents"].shape[1] if f"{run}_w{w}_prefix_latents" in f else 0
-        if pre:
-            x[:, :pre] = prev[:, -pre:]
-        plan = DFWindow.build(x.shape[1], block, len(van["sched_timesteps"]), int(kw.get("ar_step", 0)), pre)
-        overlap = bool(pre) and cache.threshold is not None and int(kw.get("ar_step", 0)) > 0
+    recs = []
+
+    def step(w, x, plan, overlap, addnoise, eps):
         ctx_c, ctx_u = jnp.asarray(van["context_cond"][0]), jnp.asarray(van["context_uncond"][0])
         lat, rec = run_window(cfg, params, x, ctx_c, ctx_u, int(van["fps_index"][0]), plan, van["sched_sigmas"],
-                              van["sched_timesteps"], float(REPORT["guidance"]), block, cache, overlap,
-                              int(kw.get("addnoise_condition", 0)), van[f"w{w}_addnoise_eps"] if pre else None,
-                              budget_block=int(f["budget_block"]))
+                              van["sched_timesteps"], float(REPORT["guidance"]), int(REPORT["V"]["block"]), cache,
+                              overlap, addnoise, eps, budget_block=int(f["budget_block"]))
         ref = f[f"{run}_w{w}_final_latents"]
         assert np.abs(lat[-1] - ref).max() / np.abs(ref).max() < 1e-5, f"window {w}"
+        offset = sum(len(r["status"]) for r in recs)
         for e in rec["events"]:
             e["call"] += offset
             e["window"] = w
         rec["attn"][:, 0] += offset
-        offset += len(rec["status"])
         recs.append(rec)
-        prev = lat[-1]
-        w += 1
+        return lat[-1]
+
+    fork_windows(f, van, run, cache, step)
     for key in ("status", "group_update", "group_cnt_before"):
         np.testing.assert_array_equal(np.concatenate([r[key] for r in recs]), f[f"{run}_{key}"], err_msg=key)
     np.testing.assert_array_equal(np.concatenate([r["attn"] for r in recs]),
