@@ -49,6 +49,7 @@ def main(argv: list[str]) -> None:
     if _REPEATS.value < 1:
         raise common.ConfigError(f"--repeats must be >= 1, got {_REPEATS.value}")
     out = Path(_OUT.value or f"outputs/benchmark_{cfg.name}")
+    cfg = common.calibrate(cfg)  # MagCache: one calibration run, not one per build below
     runs = {"vanilla": common.build(common.with_policy(cfg, "vanilla")), cfg.name: common.build(cfg)}
     times = {k: [] for k in runs}
     results = {}

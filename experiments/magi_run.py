@@ -17,6 +17,10 @@ CONVERT_HINT = ("convert the released weights first: python -m converters.conver
                 "--config.checkpoint=<DIR>")
 
 
+def prefix_chunks(cfg: ml_collections.ConfigDict) -> int:
+    return int(cfg.get("prefix", {}).get("chunks", 0))
+
+
 def validate_magi(cfg: ml_collections.ConfigDict) -> None:
     s, v = cfg.sampler, cfg.video
     validate_policy(cfg, s.num_steps)
@@ -48,6 +52,8 @@ def validate_magi(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError("kv.query_granularity must be token/frame/chunk, kv.kernel >= 1, kv.mix_lambda in [0, 1]")
     if s.kv_range not in ("full", "official"):
         raise ConfigError(f"sampler.kv_range must be 'full' or 'official', got {s.kv_range!r}")
+    if prefix_chunks(cfg) < 0:
+        raise ConfigError(f"prefix.chunks must be >= 0, got {prefix_chunks(cfg)}")
     if v.num_chunks < 1 or v.latent_height < 1 or v.latent_width < 1 or v.chunk_width < 1:
         raise ConfigError("video.num_chunks, latent_height, latent_width and chunk_width must be >= 1")
 
@@ -103,10 +109,6 @@ def load_captions(path: str, mcfg, n_chunks: int, params: dict) -> tuple[dict, s
     if not (mask > 0).any(-1).all():
         raise ConfigError(f"caption_file {p}: every chunk needs at least one valid token in 'mask'")
     return {"y": y, "mask": mask, "null_y": null_y, "null_mask": null_m}, f"caption from {p}"
-
-
-def prefix_chunks(cfg: ml_collections.ConfigDict) -> int:
-    return int(cfg.get("prefix", {}).get("chunks", 0))
 
 
 def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int) -> np.ndarray | None:
@@ -174,8 +176,6 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
     den, grid = make_denoiser(cfg, mcfg, n)
     magi = s.semantics == "magi"
     cond, caption = load_captions(cfg.caption_file, mcfg, n, params)
-    if prefix_chunks(cfg) < 0:
-        raise ConfigError(f"prefix.chunks must be >= 0, got {prefix_chunks(cfg)}")
 
     def cond_for(seed: int) -> dict:
         c = dict(cond)

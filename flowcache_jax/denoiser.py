@@ -53,3 +53,6 @@ class Denoiser(Protocol):
 
     # Optional: ``encode_clean(params, cond, x, info, kv) -> kv`` re-encodes a just-finished chunk's K/V
     # (MAGI's clean re-encode); the sampler calls it at the next stage start when asked to.
+    # Optional: ``prefix_chunks > 0`` with ``prepare_kv(params, cond, kv) -> kv``: clean chunks a video continues,
+    # encoded once before the first step (no call, and no copy of the buffer, when there is no prefix).
+    # Optional: ``probe_features(params, cond, x, info, kv)`` and ``probe_cost``: FirstBlockCache's metric.

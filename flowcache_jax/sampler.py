@@ -292,7 +292,7 @@ class Sampler:
         if limit is not None and table.n_chunks > limit:
             raise ValueError(f"the schedule has {table.n_chunks} chunks but the denoiser's KV buffer holds {limit}")
         state = self.init_state(params, cond)
-        if hasattr(self.denoiser, "prepare_kv"):  # e.g. the clean prefix of a video continuation
+        if getattr(self.denoiser, "prefix_chunks", 0):  # the clean prefix of a video continuation
             if self._prepare is None:
                 self._prepare = jax.jit(self.denoiser.prepare_kv)
             state = state.replace(kv=self._prepare(params, cond, state.kv))
