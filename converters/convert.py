@@ -1,37 +1,43 @@
-r"""Convert an upstream PyTorch checkpoint (safetensors) into a Flax parameter tree saved with orbax.
+r"""Convert one upstream PyTorch checkpoint (a DiT, a text encoder or a VAE) into a Flax tree saved with orbax.
 
   python -m converters.convert --model=magi1 --src=PATH --dst=DIR [--model_config=JSON] [--dtype=keep|bf16|fp32]
   python -m converters.convert --model=skyreels_v2 [--format=original|diffusers] --src=PATH --dst=DIR [...]
+  python -m converters.convert --model=t5|umt5 [--format=hf|original] --src=PATH --dst=DIR [...]
+  python -m converters.convert --model=wan_vae [--format=original|diffusers] --src=PATH --dst=DIR [...]
+  python -m converters.convert --model=magi1_vae --src=PATH --dst=DIR [...]
 
 PATH is one ``.safetensors`` file or a folder with ``*.safetensors.index.json`` shards (the released
-``4.5B_distill/inference_weight.distill`` layout). JSON is an upstream config file (MAGI-1: a fixture's
-``config.json`` or the released ``4.5B_distill_config.json``; SkyReels-V2: the WanModel ``config.json``);
-without it the released model's config is used. ``--format=diffusers`` reads the diffusers layout's
-``SkyReelsV2Transformer3DModel`` names. DIR receives ``params/`` (orbax) and ``model_config.json``.
-Pickle-based ``.pt/.bin`` files are only read with ``--allow_pickle_weights_only`` (``weights_only=True``).
+``4.5B_distill/inference_weight.distill`` layout, HF/diffusers ``text_encoder/`` folders). JSON is an upstream
+config file (MAGI-1: a fixture's ``config.json`` or the released ``4.5B_distill_config.json``; SkyReels-V2: the
+WanModel ``config.json``; T5: the HF ``config.json``, found beside the weights when omitted; the original umT5
+layout's sizes are read from its tensor shapes); without it the released model's config is used. DIR receives
+``params/`` (orbax) and ``model_config.json``. Pickle-based ``.pt/.pth/.bin`` files (umT5's
+``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.1_VAE.pth``, DeepFloyd's ``pytorch_model-*.bin``) are only read with
+``--allow_pickle_weights_only`` (``torch.load(weights_only=True, mmap=True)``, tensor by tensor). A whole release
+(DiT + text encoder + tokenizer + VAE) is converted at once by ``python -m converters.release``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
 from absl import app, flags, logging
 
-from converters.model_config import read_model_config
-
-_MODEL = flags.DEFINE_enum("model", "magi1", ["magi1", "skyreels_v2"], "Which model family the checkpoint holds.")
-_FORMAT = flags.DEFINE_enum("format", "original", ["original", "diffusers"],
-                            "Key names of the source: the upstream repository's or diffusers' (SkyReels-V2).")
+_MODEL = flags.DEFINE_enum("model", "magi1", ["magi1", "skyreels_v2", "t5", "umt5", "wan_vae", "magi1_vae"],
+                           "Which component the checkpoint holds (a DiT, a text encoder or a VAE).")
+_FORMAT = flags.DEFINE_enum("format", None, ["original", "diffusers", "hf"],
+                            "Key names of the source: the upstream repository's (original), diffusers' or "
+                            "transformers' (hf). Default: the component's first layout.")
 _SRC = flags.DEFINE_string("src", None, "Upstream .safetensors file or folder with an index json.")
 _DST = flags.DEFINE_string("dst", None, "Output folder.")
 _CONFIG = flags.DEFINE_string("model_config", None, "Upstream config JSON (default: released 4.5B-distill).")
 _DTYPE = flags.DEFINE_enum("dtype", "keep", ["keep", "bf16", "fp32"],
-                           "keep: on-disk dtypes; bf16: transformer layers in bf16, embedders/head fp32; fp32: all.")
+                           "keep: on-disk dtypes; bf16: bfloat16 except what upstream keeps in fp32 (norms, DiT "
+                           "embedders/head); fp32: all.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --dst.")
 _PICKLE = flags.DEFINE_bool("allow_pickle_weights_only", False,
-                            "Allow a .pt/.bin source, read with torch.load(weights_only=True).")
+                            "Allow a .pt/.pth/.bin source, read with torch.load(weights_only=True).")
 
 
 def fail(msg: str) -> None:
@@ -39,58 +45,17 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def digests(src: Path) -> dict[str, str]:
-    files = [src] if src.is_file() else sorted(src.glob("*.safetensors*"))
-    out = {}
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-        out[f.name] = h.hexdigest()
-    return out
-
-
-def _convert(model: str, fmt: str, reader, model_config: dict) -> dict:
-    """The model family's declarative key map applied to a reader."""
-    if model == "magi1":
-        from converters.keymaps.magi1 import convert_magi1
-        from models.magi1 import Magi1Config
-
-        if fmt != "original":
-            raise ValueError("MAGI-1 checkpoints have one layout: use --format=original")
-        return convert_magi1(reader, Magi1Config.from_upstream(model_config))
-    from converters.keymaps.skyreels_v2 import convert_skyreels, convert_skyreels_diffusers
-    from models.skyreels_v2 import SkyReelsConfig
-
-    cfg = SkyReelsConfig.from_upstream(model_config)
-    return (convert_skyreels_diffusers if fmt == "diffusers" else convert_skyreels)(reader, cfg)
-
-
-def convert_to_dir(model: str, src: str | Path, dst: str | Path, model_config: dict, dtype: str = "keep",
-                   overwrite: bool = False, allow_pickle: bool = False, fmt: str = "original") -> Path:
-    """The whole conversion; raises CheckpointError / ValueError / FileExistsError with readable messages."""
-    import numpy as np
-
-    from converters.safetensors_io import SafetensorsReader, load_pytorch_weights_only
+def convert_to_dir(model: str, src: str | Path, dst: str | Path, config_path: str | None = None,
+                   dtype: str = "keep", overwrite: bool = False, allow_pickle: bool = False,
+                   fmt: str | None = None) -> Path:
+    """The whole conversion; raises CheckpointError / FileExistsError with readable messages."""
+    from converters.components import convert_component
     from flowcache_jax import checkpoint
 
-    src = Path(src)
-    if src.suffix in (".pt", ".pth", ".bin") and allow_pickle:
-        reader = load_pytorch_weights_only(src)
-    else:
-        reader = SafetensorsReader(src)
-    params = _convert(model, fmt, reader, model_config)
-    if dtype != "keep":
-        import ml_dtypes
-
-        f32 = lambda t: {k: (f32(v) if isinstance(v, dict) else np.asarray(v, np.float32)) for k, v in t.items()}
-        params = f32(params)
-        if dtype == "bf16":
-            bf = lambda t: {k: (bf(v) if isinstance(v, dict) else v.astype(ml_dtypes.bfloat16)) for k, v in t.items()}
-            params["layers"] = bf(params["layers"])
-    meta = {"model": model, "format": fmt, "model_config": model_config, "dtype": dtype,
-            "source": {"path": str(src.resolve()), "sha256": digests(src)}}
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()) and not overwrite:  # before the (long) conversion
+        raise FileExistsError(f"{dst} exists and is not empty; choose another --dst or pass --overwrite")
+    params, meta = convert_component(model, src, fmt, config_path, dtype, allow_pickle)
     return checkpoint.save(dst, params, meta, overwrite=overwrite)
 
 
@@ -105,14 +70,10 @@ def main(argv: list[str]) -> None:
     if Path(_DST.value).exists() and not Path(_DST.value).is_dir():
         fail(f"--dst {_DST.value} is a file; give a folder")
     try:
-        out = convert_to_dir(_MODEL.value, _SRC.value, _DST.value, read_model_config(_CONFIG.value, _MODEL.value),
-                             _DTYPE.value, _OVERWRITE.value, _PICKLE.value, _FORMAT.value)
+        out = convert_to_dir(_MODEL.value, _SRC.value, _DST.value, _CONFIG.value, _DTYPE.value, _OVERWRITE.value,
+                             _PICKLE.value, _FORMAT.value)
     except (CheckpointError, ValueError, FileExistsError) as e:
-        hint = ""
-        if _FORMAT.value == "original" and any("unexpected key condition_embedder" in p
-                                                for p in getattr(e, "problems", [])):
-            hint = "\n(these are diffusers names: add --format=diffusers)"
-        fail(str(e) + hint)
+        fail(str(e))
     except (SafetensorError, OSError) as e:
         fail(f"cannot read {_SRC.value} as safetensors: {e}")
     print(f"wrote {out} ({_MODEL.value}, dtype {_DTYPE.value})")

@@ -37,26 +37,39 @@ def _get(tree: Mapping, path: str) -> Any:
     return tree
 
 
+DtypeRule = Callable[[str], Any]
+
+
 def convert(reader: Any, rules: tuple[Rule, ...], transforms: Mapping[str, Transform], cfg: Any,
-            expected: Mapping, num_layers: int, dtype: np.dtype | None = None) -> dict:
-    """Build the nested parameter dict; ``expected`` holds the target shapes (per-layer ones lead with L)."""
+            expected: Mapping, num_layers: int, dtype: np.dtype | DtypeRule | None = None) -> dict:
+    """Build the nested parameter dict; ``expected`` holds the target shapes (per-layer ones lead with L).
+
+    Streams tensor by tensor: each source tensor is read, transformed and cast to its target dtype (``dtype``:
+    one dtype, or a function of the destination path; None keeps the source dtype) before the next is read, and
+    per-layer tensors are written into one preallocated stacked array, so the host never holds a second copy
+    of the model (see ``converters/memory_check.py``).
+    """
     problems: list[str] = []
     out: dict = {}
     used: set[str] = set()
     available = set(reader.keys())
+    rule_fn = callable(dtype) and not isinstance(dtype, type | np.dtype)  # np.float32 is callable too
+    cast = dtype if rule_fn else (lambda path: dtype)
     for rule in rules:
         layers = range(num_layers) if rule.per_layer else [None]
-        pieces: list[list[np.ndarray]] = [[] for _ in rule.dst]
         absent = [i for i in layers if rule.src.format(i=i) not in available]
         if absent:
             which = "" if absent == [None] else f" for layers {_ranges(absent)}"
             problems.append(f"missing key {rule.src}{which}")
-        for i in layers:
+        stacked: list[np.ndarray | None] = [None] * len(rule.dst)
+        filled = [0] * len(rule.dst)
+        for n, i in enumerate(layers):
             key = rule.src.format(i=i)
             if key not in available:
                 continue
             used.add(key)
-            arr = np.asarray(reader[key])
+            early = cast(rule.dst[0])  # cast while reading: every transform only moves elements
+            arr = reader.read(key, early) if early is not None and hasattr(reader, "read") else np.asarray(reader[key])
             if arr.dtype.kind not in "fV" and str(arr.dtype) != "bfloat16":
                 problems.append(f"{key}: dtype {arr.dtype} is not a float type")
                 continue
@@ -69,20 +82,27 @@ def convert(reader: Any, rules: tuple[Rule, ...], transforms: Mapping[str, Trans
                 want = tuple(_get(expected, path))[1 if rule.per_layer else 0:]
                 if res.shape != want:
                     problems.append(f"{key}: shape {arr.shape} converts to {res.shape}, expected {want} at {path}")
+                    continue
+                target = cast(path) or res.dtype
+                if not rule.per_layer:
+                    stacked[j] = np.ascontiguousarray(res, dtype=target)
                 else:
-                    pieces[j].append(res)
-        if any(len(p) != len(layers) for p in pieces):
+                    if stacked[j] is None:
+                        stacked[j] = np.empty((len(layers), *want), dtype=target)
+                    stacked[j][n] = res
+                filled[j] += 1
+            del arr, results
+        if problems or any(f != len(layers) for f in filled):
             continue
-        for path, p in zip(rule.dst, pieces, strict=True):
-            value = np.stack(p) if rule.per_layer else p[0]
-            _set(out, path, value.astype(dtype) if dtype is not None else value)
+        for path, value in zip(rule.dst, stacked, strict=True):
+            _set(out, path, value)
     extra = sorted(available - used)
     problems += [f"unexpected key {k}" for k in extra]
     if problems:
         shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
         partial = any("for layers" in p and "for layers 0-" not in p for p in problems)
         hint = ("\n(shapes or layer counts differ from the model config: pass the config the weights belong to "
-                "with --model_config)" if partial or any("expected" in p for p in problems) else "")
+                "with --model_config)" if partial or any(", expected " in p for p in problems) else "")
         err = CheckpointError(f"{len(problems)} problem(s) converting the checkpoint:\n  " + "\n  ".join(shown)
                               + hint)
         err.problems = problems

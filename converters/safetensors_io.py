@@ -61,12 +61,102 @@ class SafetensorsReader:
     def __getitem__(self, key: str) -> np.ndarray:
         return self._file(key).get_tensor(key)
 
+    def read(self, key: str, dtype, block_bytes: int = 1 << 28) -> np.ndarray:
+        """The tensor cast to ``dtype`` while it is read, block of rows by block of rows: a 4 GB fp32 embedding
+        converted to bf16 costs 2 GB (the result) plus one block, not 4 + 2 GB."""
+        sl = self._file(key).get_slice(key)
+        if not sl.get_dtype().startswith(("F", "BF")):
+            return self[key]  # not a float: the caller reports it
+        shape = tuple(sl.get_shape())
+        nbytes = int(np.prod(shape)) * 4
+        if len(shape) < 2 or nbytes <= block_bytes:
+            return np.asarray(self[key], dtype=dtype)
+        out = np.empty(shape, dtype)
+        rows = max(1, block_bytes * shape[0] // nbytes)
+        for r in range(0, shape[0], rows):
+            out[r:r + rows] = sl[r:min(r + rows, shape[0])]
+        return out
 
-def load_pytorch_weights_only(path: str | Path) -> dict[str, np.ndarray]:
-    """Explicit opt-in reader for ``.pt/.bin`` files: ``torch.load(weights_only=True)`` (needs torch)."""
-    try:
-        import torch
-    except ImportError as e:
-        raise CheckpointError("reading .pt/.bin needs PyTorch (pip install torch); or convert to .safetensors") from e
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
+
+class PickleReader:
+    """Explicit opt-in reader for PyTorch pickle files (``.pt/.pth/.bin``, or shards listed by an index json).
+
+    ``torch.load(weights_only=True, mmap=True)``: the restricted unpickler (no arbitrary code) over a memory
+    map, and each tensor becomes numpy only when asked for (bf16 stays bf16), so a 22 GB file is never
+    resident at once. ``prefix`` strips a wrapper prefix; ``entry`` picks a nested state dict (e.g. ``generator_ema``).
+    """
+
+    def __init__(self, path: str | Path, entry: str | None = None):
+        try:
+            import torch
+        except ImportError as e:
+            raise CheckpointError("reading .pt/.pth/.bin needs PyTorch (pip install torch), or convert the file to "
+                                  ".safetensors") from e
+        self._torch = torch
+        path = Path(path)
+        if path.is_dir():
+            index = sorted(path.glob("*.bin.index.json")) + sorted(path.glob("*.pt.index.json"))
+            if index:
+                files = sorted({path / v for v in json.loads(index[0].read_text())["weight_map"].values()})
+            else:
+                files = sorted(p for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext))
+            if not files:
+                raise CheckpointError(f"{path} holds no .bin/.pt/.pth files")
+        else:
+            files = [path]
+        self._sd: dict = {}
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"checkpoint file {f} does not exist")
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+                raise CheckpointError(f"cannot read {f} with torch.load(weights_only=True): {e}") from e
+            if entry is not None:
+                if entry not in sd:
+                    raise CheckpointError(f"{f} has no entry {entry!r} (top-level keys: {sorted(sd)[:8]})")
+                sd = sd[entry]
+            self._sd.update({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+
+    def keys(self) -> list[str]:
+        return sorted(self._sd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._sd[key].shape)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        t = self._sd[key].detach()
+        if t.dtype == self._torch.bfloat16:
+            import ml_dtypes
+
+            return t.contiguous().view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.contiguous().numpy()
+
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _is_pickle(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix in PICKLE_SUFFIXES
+    return path.is_dir() and not any(path.glob("*.safetensors")) and any(
+        p for ext in PICKLE_SUFFIXES for p in path.glob(f"*{ext}"))
+
+
+def open_reader(path: str | Path, allow_pickle: bool = False):
+    """The reader of a checkpoint path: safetensors (file, or folder with an index); pickles only when allowed."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if _is_pickle(path):
+        if not allow_pickle:
+            raise CheckpointError(f"{path} is a pickle-based PyTorch checkpoint; pickles are never loaded "
+                                  "implicitly: convert it to .safetensors, or pass --allow_pickle_weights_only "
+                                  "(read with torch.load(weights_only=True))")
+        return PickleReader(path)
+    return SafetensorsReader(path)
+
+
+def load_pytorch_weights_only(path: str | Path) -> PickleReader:
+    """Explicit opt-in reader for ``.pt/.bin`` files (kept for callers of the old name)."""
+    return PickleReader(path)

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
     del argv
     from tqdm.auto import tqdm
 
-    from flowcache_jax import flops, io, metrics
+    from flowcache_jax import flops, io
 
     cfg = _CONFIG.value
     if _REPEATS.value < 1:
@@ -53,11 +53,12 @@ def main(argv: list[str]) -> None:
     runs = {"vanilla": common.build(common.with_policy(cfg, "vanilla")), cfg.name: common.build(cfg)}
     times = {k: [] for k in runs}
     results = {}
-    for name, r in runs.items():  # warm: compile + one untimed run
-        results[name] = r.sampler.run(r.params, r.cond, r.table, r.key, progress=False)
+    frames = {}
+    for name, r in runs.items():  # warm: compile + one untimed run (decoded, for the pixel metrics)
+        results[name], frames[name] = r.sample(progress=False)
     for _ in tqdm(range(_REPEATS.value), desc="benchmark repeats"):
         for name, r in runs.items():
-            res = r.sampler.run(r.params, r.cond, r.table, r.key, progress=False)
+            res, _ = r.sample(progress=False, decode=False)
             times[name].append(res.wall["denoise"])
     med = {k: statistics.median(v) for k, v in times.items()}
     van, cac = results["vanilla"], results[cfg.name]
@@ -82,12 +83,14 @@ def main(argv: list[str]) -> None:
         "speedup_ideal": cac.speedup_ideal,
         "chunk_forwards": {"vanilla": van.computed, cfg.name: cac.computed},
         "flops": fl,
-        "psnr_vs_vanilla": metrics.psnr(r.images(cac.video), r.images(van.video), r.data_range),
-        "ssim_vs_vanilla": metrics.ssim(r.images(cac.video), r.images(van.video), r.data_range),
+        "vs_vanilla": common.compare(r, cac, frames[cfg.name], van, frames["vanilla"]),
         "compiles": (compiles_at_lengths(cfg, [n, 2 * n]) if cfg.model != "skyreels_v2" else
                      {"per_run": ["cached per window shape"], "note": "DF windows share one compiled scan per shape"}),
     }
     report["wall_over_ideal"] = report["speedup_wall"] / report["speedup_ideal"]
+    report["psnr_vs_vanilla"], report["ssim_vs_vanilla"] = report["vs_vanilla"]["psnr"], report["vs_vanilla"]["ssim"]
+    if frames[cfg.name] is not None:
+        report["decode_s"] = r.decoder.seconds
     io.write_json(out / "benchmark.json", report)
     row = {k: report[k] for k in ("config_name", "speedup_ideal", "speedup_wall", "wall_over_ideal",
                                     "psnr_vs_vanilla")}

@@ -10,12 +10,11 @@ from typing import Any
 
 import ml_collections
 
+from experiments.errors import ConfigError  # noqa: F401 (re-exported: the CLIs catch it)
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "tiny_fast"  # the embedded default: the tiny MAGI-1 trained here, shipped in the repo
 
-
-class ConfigError(ValueError):
-    """A bad config value; reported as one line, never a traceback."""
 
 
 def config_names() -> list[str]:
@@ -123,6 +122,22 @@ class Run:
     sampler: Any
     notes: dict = dataclasses.field(default_factory=dict)  # what the run used (e.g. which caption)
     cond_for: Callable[[int], Any] | None = None  # the conditions of another seed (e.g. its continuation prefix)
+    decoder: Any = None  # the checkpoint's VAE (experiments.pipeline): decodes chunks as they finish; None: no VAE
+    text: dict | None = None  # what the prompt encoding did (tokens, truncated, cached, seconds); None: no prompt
+
+    def sample(self, progress: bool = True, seed: int | None = None, decode: bool = True) -> tuple[Any, Any]:
+        """(result, uint8 frames [T, H, W, 3] or None): one video, decoded chunk by chunk as chunks finish when
+        the checkpoint has a VAE (``decoder.seconds`` is the decode time, excluded from the denoise time)."""
+        import jax
+
+        cond = self.cond if seed is None else self.conditions(seed)
+        key = self.key if seed is None else jax.random.PRNGKey(seed)
+        dec = self.decoder if decode else None
+        if dec is not None:
+            dec.reset()
+        hook = {} if dec is None else ({"on_frames": dec} if self.cfg.model == "skyreels_v2" else {"on_chunk": dec})
+        res = self.sampler.run(self.params, cond, self.table, key, progress=progress, **hook)
+        return res, (None if dec is None else dec.frames())
 
     def conditions(self, seed: int):
         return self.cond if self.cond_for is None else self.cond_for(seed)
@@ -234,20 +249,76 @@ def build(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
     return Run(cfg=cfg, denoiser=denoiser, params=denoiser.init_params(), cond=None, table=table, sampler=sampler)
 
 
-def write_video_outputs(run, video, out: Path, name: str = "video") -> list[Path]:
-    """``name``.mp4 and ``name``_frames.png (a strip of every frame) of the first video."""
+def pipeline_times(run) -> dict:
+    """Seconds of the prompt encoding and of the VAE decode of the last video, where the run had them."""
+    out = {}
+    if run.text:
+        out["text_encode"] = float(run.text["seconds"])
+    if run.decoder is not None:
+        out["decode"] = float(run.decoder.seconds)
+    return out
+
+
+def compare(run, res, frames, ref, ref_frames) -> dict:
+    """A video against the uncached one: PSNR / SSIM on the decoded uint8 frames (what the paper reports) when
+    there is a VAE, on the latents otherwise; latent figures kept as secondary."""
+    from flowcache_jax import metrics
+
+    a, b = run.images(res.video), run.images(ref.video)
+    out = {"space": "latent", "psnr": metrics.psnr(a, b, run.data_range), "ssim": metrics.ssim(a, b, run.data_range),
+           "rel_l1": metrics.rel_l1(res.video, ref.video)}
+    if frames is not None and ref_frames is not None:
+        fa, fb = to_unit(frames), to_unit(ref_frames)
+        out = {"space": "pixels", "psnr": metrics.psnr(fa, fb, (-1.0, 1.0)), "ssim": metrics.ssim(fa, fb, (-1.0, 1.0)),
+               "latent_psnr": out["psnr"], "latent_ssim": out["ssim"], "rel_l1": out["rel_l1"]}
+    return out
+
+
+def to_unit(frames_u8):
+    """uint8 frames -> float32 in [-1, 1] (the range PSNR/SSIM/LPIPS take)."""
+    import numpy as np
+
+    return np.asarray(frames_u8, np.float32)[None] / 127.5 - 1.0
+
+
+def output_fps(cfg: ml_collections.ConfigDict) -> int:
+    return int(cfg.get("output", {}).get("fps", 0) or cfg.get("video", {}).get("fps", 8))
+
+
+def write_video_outputs(run, video, out: Path, name: str = "video", frames=None) -> list[Path]:
+    """``name``.mp4 and ``name``_frames.png (a strip of every frame) of the first video; ``frames`` (uint8,
+    decoded by the VAE) replace the latent preview."""
+    import numpy as np
+
     from flowcache_jax import io
 
-    frames = run.rgb_frames(video)
-    if isinstance(run.cond, dict) and "prefix" in run.cond:  # a continuation: show the given frames first
-        import numpy as np
-
-        frames = np.concatenate([run.rgb_frames(np.asarray(run.cond["prefix"])[None]), frames])
-    fps = int(run.cfg.get("output", {}).get("fps", 8))
+    given = isinstance(run.cond, dict) and "prefix" in run.cond  # a continuation: show the given frames first
+    if frames is None:
+        frames = run.rgb_frames(video)
+        if given:
+            frames = np.concatenate([run.rgb_frames(np.asarray(run.cond["prefix"])[None]), frames])
+    elif given and hasattr(run.decoder, "decode"):
+        frames = np.concatenate([*(run.decoder.decode(np.asarray(c)) for c in run.cond["prefix"]), frames])
+    fps = output_fps(run.cfg)
     paths = [out / f"{name}.mp4", out / f"{name}_frames.png"]
     io.write_mp4(paths[0], frames, fps)
-    io.write_png(paths[1], io.frame_strip(frames, per_row=run.cfg.get("output", {}).get("per_row", 8)))
+    io.write_png(paths[1], io.frame_strip(strip_frames(frames), per_row=run.cfg.get("output", {}).get("per_row", 8)))
     return paths
+
+
+def strip_frames(frames, max_frames: int = 24, max_side: int = 256):
+    """The frames a PNG strip shows: all of a short small video; else evenly spaced ones, box-downscaled so the
+    longer side is at most ``max_side`` (a 720p, 240-frame video would make a 370 MB strip)."""
+    import numpy as np
+
+    t, h, w, _ = frames.shape
+    if t > max_frames:
+        frames = frames[np.linspace(0, t - 1, max_frames).round().astype(int)]
+    f = -(-max(h, w) // max_side)
+    if f > 1:
+        hh, ww = h // f * f, w // f * f
+        frames = frames[:, :hh, :ww].reshape(len(frames), hh // f, f, ww // f, f, 3).mean((2, 4)).astype(np.uint8)
+    return frames
 
 
 def with_policy(cfg: ml_collections.ConfigDict, name: str, threshold: float | None = None

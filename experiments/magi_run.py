@@ -14,7 +14,8 @@ from experiments.common import ConfigError, Run, validate_policy
 
 CONVERT_HINT = ("convert the released weights first: python -m converters.convert --model=magi1 "
                 "--src=<ckpt>/magi/4.5B_distill/inference_weight.distill --dst=<DIR>, then pass "
-                "--config.checkpoint=<DIR>")
+                "--config.checkpoint=<DIR> (python -m converters.release --model=magi1 ... converts the DiT, "
+                "text encoder, tokenizer and VAE into one folder, for prompts and decoded video)")
 
 
 def prefix_chunks(cfg: ml_collections.ConfigDict) -> int:
@@ -54,6 +55,8 @@ def validate_magi(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"sampler.kv_range must be 'full' or 'official', got {s.kv_range!r}")
     if prefix_chunks(cfg) < 0:
         raise ConfigError(f"prefix.chunks must be >= 0, got {prefix_chunks(cfg)}")
+    if cfg.get("prompt") is not None and cfg.caption_file:
+        raise ConfigError("set config.prompt or config.caption_file, not both")
     if v.num_chunks < 1 or v.latent_height < 1 or v.latent_width < 1 or v.chunk_width < 1:
         raise ConfigError("video.num_chunks, latent_height, latent_width and chunk_width must be >= 1")
 
@@ -75,8 +78,28 @@ def load_checkpoint(path: str):
     return cfg, jax.tree.map(jnp.asarray, params)
 
 
+def prompt_captions(cfg: ml_collections.ConfigDict, release, mcfg, n_chunks: int) -> tuple[np.ndarray, np.ndarray,
+                                                                                              dict]:
+    """Per-chunk captions of ``config.prompt`` through the release's T5 (cached), with MAGI-1's special tokens."""
+    from experiments.pipeline import PromptEncoder, magi_captions
+
+    emb = PromptEncoder(release, mcfg.caption_max_length, cfg.text.cache_dir)(cfg.prompt)
+    if emb.hidden.shape[-1] != mcfg.caption_channels:
+        raise ConfigError(f"the text encoder gives {emb.hidden.shape[-1]}-wide embeddings, the DiT takes "
+                          f"{mcfg.caption_channels}: the release's parts do not belong together")
+    special = None
+    if release.special_tokens is not None:
+        with np.load(release.special_tokens, allow_pickle=False) as z:
+            special = np.asarray(z["other_tokens"])
+    y, mask = magi_captions(emb, n_chunks, special, cfg.text.pad_hq, cfg.text.pad_duration)
+    info = {"prompt": cfg.prompt, "cleaned": emb.cleaned, "tokens": emb.tokens, "max_length": len(emb.mask),
+            "truncated": emb.truncated, "cached": emb.cached, "seconds": emb.seconds,
+            "special_tokens": special is not None}
+    return y, mask, info
+
+
 def load_captions(path: str, mcfg, n_chunks: int, params: dict) -> tuple[dict, str]:
-    """Per-chunk prompt captions from a file (no text encoder yet), or the null caption."""
+    """Per-chunk prompt captions from a file, or the null caption."""
     from models.magi1_denoiser import null_captions
 
     null_y, null_m = null_captions(params, n_chunks)
@@ -111,8 +134,52 @@ def load_captions(path: str, mcfg, n_chunks: int, params: dict) -> tuple[dict, s
     return {"y": y, "mask": mask, "null_y": null_y, "null_mask": null_m}, f"caption from {p}"
 
 
-def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int) -> np.ndarray | None:
-    """The clean chunks a video continues, [p, C, F, H, W]: a procedural clip of ``seed`` or a latent file."""
+def read_clip(path: str, height: int, width: int) -> np.ndarray:
+    """uint8 frames [T, height, width, 3] of a video file, resized (antialiased bilinear) when its size differs."""
+    from flowcache_jax import io
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"prefix.video {p} does not exist")
+    try:
+        frames, _ = io.read_mp4(p)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"prefix.video {p} cannot be read as a video ({e})") from e
+    if frames.shape[1:3] != (height, width):
+        x = jax.image.resize(jnp.asarray(frames, jnp.float32), (frames.shape[0], height, width, 3), "linear")
+        frames = np.asarray(jnp.clip(jnp.round(x), 0, 255)).astype(np.uint8)
+    return frames
+
+
+def video_prefix_latents(path: str, decoder, latent_frames: int, h: int, w: int) -> np.ndarray:
+    """The DiT-scale VAE latents [C, latent_frames, h, w] of the last frames of a clip (MAGI-1 v2v)."""
+    stride, space = decoder.cfg.patch_length, decoder.cfg.patch_size  # the ViT VAE's 4x time, 8x space patches
+    frames = read_clip(path, h * space, w * space)
+    need = latent_frames * stride
+    if frames.shape[0] < need:
+        raise ConfigError(f"prefix.video {path} has {frames.shape[0]} frames; {latent_frames} latent frames "
+                          f"(prefix.chunks x video.chunk_width) need {need}")
+    return decoder.encode_video(frames[-need:])
+
+
+def clip_chunks(cfg: ml_collections.ConfigDict) -> int:
+    """Whole chunks a prefix clip holds (prefix.chunks=0 with a prefix.video: use all of them)."""
+    from flowcache_jax import io
+
+    try:
+        frames, _ = io.read_mp4(cfg.prefix.video)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"prefix.video {cfg.prefix.video} cannot be read as a video ({e})") from e
+    n = frames.shape[0] // 4 // cfg.video.chunk_width
+    if n < 1:
+        raise ConfigError(f"prefix.video {cfg.prefix.video} has {frames.shape[0]} frames, fewer than one chunk "
+                          f"({4 * cfg.video.chunk_width} frames)")
+    return n
+
+
+def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int, decoder=None) -> np.ndarray | None:
+    """The clean chunks a video continues, [p, C, F, H, W]: a procedural clip of ``seed``, a latent file or a clip
+    encoded with the checkpoint's VAE."""
     p = prefix_chunks(cfg)
     if p == 0:
         return None
@@ -124,6 +191,11 @@ def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int) -> np.ndarray |
         if c != 3:
             raise ConfigError(f"prefix.source=procedural gives RGB frames; the model has in_channels={c}")
         lat = np.asarray(to_latent(render(jax.random.PRNGKey(seed), VideoSpec(frames=f, height=h, width=w))))
+    elif src == "video":
+        if decoder is None:
+            raise ConfigError(f"prefix.video needs the checkpoint's VAE, and {cfg.checkpoint} has no vae/: convert "
+                              "the release with python -m converters.release ... --vae=<ckpt/vae>")
+        lat = video_prefix_latents(cfg.prefix.video, decoder, p * v.chunk_width, h, w)
     elif src == "file":
         path = Path(cfg.prefix.file)
         if not path.is_file() or path.suffix != ".npz":
@@ -162,10 +234,16 @@ def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
 
 
 def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
+    from experiments.pipeline import make_decoder, open_release, prompt_note
     from flowcache_jax.policies import make_policy
     from flowcache_jax.sampler import Sampler
     from flowcache_jax.schedules import magi_schedule
 
+    if cfg.prefix.get("video", ""):  # a clip to continue: encoded by the VAE
+        cfg = ml_collections.ConfigDict(cfg.to_dict())
+        cfg.prefix.source = "video"
+        if cfg.prefix.chunks == 0:
+            cfg.prefix.chunks = clip_chunks(cfg)
     validate_magi(cfg)
     s, v = cfg.sampler, cfg.video
     n = v.num_chunks if n_chunks is None else n_chunks
@@ -175,12 +253,19 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
                           f"size {mcfg.patch_size} (chunk_width of {mcfg.t_patch_size})")
     den, grid = make_denoiser(cfg, mcfg, n)
     magi = s.semantics == "magi"
+    release = open_release(cfg.checkpoint, "magi1")
+    text = None
     cond, caption = load_captions(cfg.caption_file, mcfg, n, params)
+    if cfg.get("prompt") is not None:
+        cond["y"], cond["mask"], text = prompt_captions(cfg, release, mcfg, n)
+        caption = prompt_note(text)
+    rgb = cfg.get("output", {}).get("decode", "") == "rgb"  # the tiny model: its latents are RGB frames
+    decoder = None if rgb else make_decoder(release)
 
     def cond_for(seed: int) -> dict:
         c = dict(cond)
         if prefix_chunks(cfg):
-            c["prefix"] = load_prefix(cfg, mcfg, seed)
+            c["prefix"] = load_prefix(cfg, mcfg, seed, decoder)
         return jax.tree.map(jnp.asarray, c)
 
     try:
@@ -191,8 +276,9 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
         raise ConfigError(str(e)) from e
     notes = {"prefix": f"{prefix_chunks(cfg)} given clean chunk(s), {cfg.prefix.source}"} if prefix_chunks(cfg) else {}
     return Run(cfg=cfg, denoiser=den, params=params, cond=cond_for(cfg.seed), table=table, sampler=sampler,
-               cond_for=cond_for,
-               notes={"caption": caption, "semantics": s.semantics, "dtype": mcfg.dtype,
+               cond_for=cond_for, decoder=decoder, text=text,
+               notes={"caption": caption, **({} if rgb else release.notes()), "semantics": s.semantics,
+                      "dtype": mcfg.dtype,
                       "kv_buffer": f"{den.layout.rows} rows ({'compressed, ' if cfg.kv.compress else ''}"
                                    f"{den.layout.history_chunks} history + {den.window} window chunks)",
                       "duplicate": "discarded" if den.discard_duplicate else "run and blended 0.7/0.3", **notes})

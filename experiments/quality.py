@@ -52,7 +52,7 @@ def load_config(name: str, overrides: list[str]) -> ml_collections.ConfigDict:
             for part in key.split(".")[:-1]:
                 parent = parent[part]
             cur = parent[leaf]
-            parent[leaf] = val if isinstance(cur, str) else type(cur)(ast.literal_eval(val))
+            parent[leaf] = val if isinstance(cur, str) or cur is None else type(cur)(ast.literal_eval(val))
         except (KeyError, AttributeError, TypeError, ValueError, SyntaxError) as e:
             raise common.ConfigError(f"--override {o!r}: needs field=value with an existing field ({e})") from e
         if not sep:
@@ -69,23 +69,28 @@ class Evaluator:
         self.refs = {s: self.run(self.ref_run, s) for s in seeds}
 
     @staticmethod
-    def run(run: common.Run, seed: int):
-        import jax
-
-        return run.sampler.run(run.params, run.conditions(seed), run.table, jax.random.PRNGKey(seed), progress=False)
+    def run(run: common.Run, seed: int, decode: bool = True):
+        """(result, decoded uint8 frames or None) of one seed."""
+        return run.sample(progress=False, seed=seed, decode=decode)
 
     def score(self, run: common.Run) -> tuple[dict, dict]:
-        """Seed-mean speedup_ideal, computed_fraction, psnr, ssim (and lpips); plus the results per seed."""
-        from flowcache_jax import metrics
+        """Seed-mean speedup_ideal, computed_fraction, psnr, ssim (and lpips); plus the results per seed.
 
+        With a VAE the scores are on the decoded frames (what the paper reports) and the latent PSNR is kept as
+        ``latent_psnr``; without one they are on the latents (RGB frames for the tiny model)."""
         rows, results = [], {}
         for s in self.seeds:
-            res = results[s] = self.run(run, s)
-            a, b = run.images(res.video), run.images(self.refs[s].video)
+            res, frames = results[s] = self.run(run, s)
+            ref, ref_frames = self.refs[s]
+            cmp = common.compare(run, res, frames, ref, ref_frames)
             row = {"speedup_ideal": res.speedup_ideal, "computed_fraction": res.computed_fraction,
-                   "psnr": metrics.psnr(a, b, run.data_range), "ssim": metrics.ssim(a, b, run.data_range)}
+                   "psnr": cmp["psnr"], "ssim": cmp["ssim"]}
+            if "latent_psnr" in cmp:
+                row["latent_psnr"] = cmp["latent_psnr"]
             if self.lpips is not None:
-                row["lpips"] = self.lpips(run.rgb_frames(res.video), run.rgb_frames(self.refs[s].video))
+                a, b = (frames, ref_frames) if frames is not None else (run.rgb_frames(res.video),
+                                                                         run.rgb_frames(ref.video))
+                row["lpips"] = self.lpips(a, b)
             rows.append(row)
         return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}, results
 
@@ -97,7 +102,7 @@ def wall_times(runs: dict[str, common.Run], seed: int, repeats: int, progress: b
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in tqdm(range(repeats), desc="timing", disable=not progress, leave=False):
         for k, r in runs.items():
-            times[k].append(Evaluator.run(r, seed).wall["denoise"])
+            times[k].append(Evaluator.run(r, seed, decode=False)[0].wall["denoise"])
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -210,22 +215,28 @@ def main(argv: list[str]) -> None:
     for n in methods:  # uncached | method, first seed
         if n == f"{fam}_vanilla":
             continue
-        a, b = ref_run.rgb_frames(ev.refs[s0].video), runs[n].rgb_frames(results[n][s0].video)
-        if isinstance(ref_run.cond, dict) and "prefix" in ref_run.cond:  # the given frames, then the generated ones
+        (ref, ref_frames), (res, frames) = ev.refs[s0], results[n][s0]
+        if frames is not None and ref_frames is not None:  # decoded by the VAE
+            a, b = ref_frames, frames
+        else:
+            a, b = ref_run.rgb_frames(ref.video), runs[n].rgb_frames(res.video)
+        if frames is None and isinstance(ref_run.cond, dict) and "prefix" in ref_run.cond:  # given frames first
             pre = ref_run.rgb_frames(np.asarray(ref_run.conditions(s0)["prefix"])[None])
             a, b = np.concatenate([pre, a]), np.concatenate([pre, b])
         gap = np.full((a.shape[0], a.shape[1], 4, 3), 255, np.uint8)
         both = np.concatenate([a, gap, b], axis=2)
-        io.write_mp4(out / "side_by_side" / f"{n}.mp4", both, int(base.get("output", {}).get("fps", 8)))
-        io.write_png(out / "side_by_side" / f"{n}_frames.png", io.frame_strip(both, per_row=4))
+        io.write_mp4(out / "side_by_side" / f"{n}.mp4", both, common.output_fps(base))
+        io.write_png(out / "side_by_side" / f"{n}_frames.png", io.frame_strip(common.strip_frames(both), per_row=4))
     report = {"family": fam, "seeds": seeds, "repeats": _REPEATS.value, "methods": methods, "sweep": sweep,
               "magcache_ratios": list(ratios) if ratios else None,
               "flowcache_vs_teacache": compare_curves(sweep, "flowcache", "teacache") if sweep else None,
+              "space": "pixels (decoded by the VAE)" if ev.refs[s0][1] is not None else "latents",
               "device": str(jax.devices()[0]).strip()}
     io.write_json(out / "quality.json", report)
 
     cols = ["method", "policy", "threshold", "speedup_ideal", "speedup_wall", "psnr", "ssim"]
     cols += ["lpips"] if lpips is not None else []
+    cols += ["latent_psnr"] if any("latent_psnr" in m for m in methods.values()) else []
     print(common.format_table([{"method": n, **m} for n, m in methods.items()], cols))
     if sweep:
         print()

@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     timer = metrics.WallTimer()
     with timer("load"):
         run = common.build(cfg)
-    res = run.sampler.run(run.params, run.cond, run.table, run.key, progress=_PROGRESS.value)
+    res, frames = run.sample(progress=_PROGRESS.value)
     if cfg.model == "magi1":
         from models.magi1_flops import run_flops
 
@@ -54,19 +54,18 @@ def main(argv: list[str]) -> None:
         "num_chunks": run.table.n_chunks, "num_steps": run.table.num_steps,
         "chunk_forwards_vanilla": res.chunk_forwards_vanilla, "chunk_forwards_computed": res.computed,
         "computed_fraction": res.computed_fraction, "speedup_ideal": res.speedup_ideal,
-        "wall_s": {"load": timer.seconds["load"], **res.wall}, "compiles": res.traces,
+        "wall_s": {"load": timer.seconds["load"], **res.wall, **common.pipeline_times(run)},
+        "compiles": res.traces, "text": run.text, "decoded": frames is not None,
         "flops": run_fl, "notes": run.notes,
         "decisions": res.decisions, "decision_chunks": res.chunk, "config": cfg.to_dict(),
     }
     if _COMPARE.value and cfg.policy.name != "vanilla":
         ref_run = common.build(common.with_policy(cfg, "vanilla"))
-        ref = ref_run.sampler.run(ref_run.params, ref_run.cond, ref_run.table, ref_run.key, progress=_PROGRESS.value)
-        a, b = run.images(res.video), run.images(ref.video)
-        results["vs_vanilla"] = {"psnr": metrics.psnr(a, b, run.data_range), "ssim": metrics.ssim(a, b, run.data_range),
-                                 "rel_l1": metrics.rel_l1(res.video, ref.video)}
+        ref, ref_frames = ref_run.sample(progress=_PROGRESS.value)
+        results["vs_vanilla"] = common.compare(run, res, frames, ref, ref_frames)
     io.write_json(out / "results.json", results)
     io.write_npz(out / "latents.npz", latents=res.video, decisions=res.decisions)
-    media = common.write_video_outputs(run, res.video, out)
+    media = common.write_video_outputs(run, res.video, out, frames=frames)
     row = {k: results[k] for k in ("config_name", "policy", "num_chunks", "chunk_forwards_vanilla",
                                     "chunk_forwards_computed", "computed_fraction", "speedup_ideal")}
     row.update({f"{k}_s": v for k, v in results["wall_s"].items()})
@@ -74,6 +73,8 @@ def main(argv: list[str]) -> None:
     print(common.format_table([row], list(row)))
     for k, v in run.notes.items():
         print(f"{k}: {v}")
+    if run.text and run.text["truncated"]:
+        print(f"warning: the prompt was truncated to {run.text['max_length']} tokens (the encoder's maximum)")
     print(f"wrote {out / 'results.json'}, {out / 'latents.npz'}, {', '.join(map(str, media))}")
 
 

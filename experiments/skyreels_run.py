@@ -22,7 +22,9 @@ import numpy as np
 from experiments.common import ConfigError, Run
 
 CONVERT_HINT = ("convert the released weights first: python -m converters.convert --model=skyreels_v2 "
-                "--src=<SkyReels-V2-DF-1.3B-540P folder> --dst=<DIR>, then pass --config.checkpoint=<DIR>")
+                "--src=<SkyReels-V2-DF-1.3B-540P folder> --dst=<DIR>, then pass --config.checkpoint=<DIR> "
+                "(python -m converters.release --model=skyreels_v2 ... converts the DiT, text encoder, tokenizer and "
+                "VAE into one folder, for prompts and decoded video)")
 POLICIES = ("vanilla", "teacache", "flowcache")
 
 
@@ -34,6 +36,8 @@ def validate_skyreels(cfg: ml_collections.ConfigDict) -> None:
     v, s, p = cfg.video, cfg.sampler, cfg.policy
     if p.name not in POLICIES:
         raise ConfigError(f"SkyReels-V2 runs support policy.name in {POLICIES}, got {p.name!r}")
+    if cfg.get("prompt") is not None and cfg.caption_file:
+        raise ConfigError("set config.prompt or config.caption_file, not both")
     if p.threshold < 0 or p.warmup < 0:
         raise ConfigError(f"policy.threshold and policy.warmup must be >= 0, got {p.threshold}, {p.warmup}")
     if cfg.batch != 1:
@@ -110,7 +114,10 @@ class DFSampler:
     cfg: ml_collections.ConfigDict
     mcfg: object
 
-    def run(self, params: dict, cond: dict, plan: DFPlan, key: jax.Array, progress: bool = True) -> DFResult:
+    def run(self, params: dict, cond: dict, plan: DFPlan, key: jax.Array, progress: bool = True,
+            on_frames=None) -> DFResult:
+        """All windows of the plan; ``on_frames(start, latents [C, n, h, w])`` gets every latent frame as soon as
+        no later window rewrites it (a window's last ``overlap`` frames are the next window's prefix)."""
         from tqdm.auto import tqdm
 
         from models.skyreels_df import DFWindow, WindowTeaCache, skyreels_sigmas, teacache_decisions
@@ -124,8 +131,8 @@ class DFSampler:
         block = s.causal_block_size
         c, h, w = self.mcfg.in_dim, self.cfg.video.height // 8, self.cfg.video.width // 8
         video = np.zeros((c, plan.latent_frames, h, w), np.float32)
-        decisions, computed, vanilla, done = [], 0, 0, 0
-        t0 = time.perf_counter()
+        decisions, computed, vanilla, done, emitted = [], 0, 0, 0, 0
+        t0, t_callbacks = time.perf_counter(), 0.0
         for wi, (frames, prefix) in enumerate(tqdm(plan.windows, desc=f"{pol.name} windows", disable=not progress,
                                                    leave=False)):
             kw, ke = jax.random.split(jax.random.fold_in(key, wi))
@@ -165,11 +172,19 @@ class DFSampler:
             final = lat[-1]
             video[:, done - prefix:done - prefix + frames] = final
             done += frames - prefix
+            if on_frames is not None:
+                final_end = done - (plan.windows[wi + 1][1] if wi + 1 < len(plan.windows) else 0)
+                if final_end > emitted:
+                    t_cb = time.perf_counter()
+                    on_frames(emitted, video[:, emitted:final_end].copy())
+                    t_callbacks += time.perf_counter() - t_cb
+                    emitted = final_end
         dec = np.concatenate([np.pad(d, ((0, 0), (0, max(x.shape[1] for x in decisions) - d.shape[1])),
                                      constant_values=-1) for d in decisions])
         chunk = np.where(dec >= 0, np.arange(dec.shape[1])[None], -1).astype(np.int32)
         return DFResult(video=video[None, None], decisions=dec, chunk=chunk, computed=computed,
-                        chunk_forwards_vanilla=vanilla, wall={"compile": 0.0, "denoise": time.perf_counter() - t0})
+                        chunk_forwards_vanilla=vanilla,
+                        wall={"compile": 0.0, "denoise": time.perf_counter() - t0 - t_callbacks})
 
 
 def load_contexts(path: str, mcfg) -> tuple[dict, str]:
@@ -189,7 +204,23 @@ def load_contexts(path: str, mcfg) -> tuple[dict, str]:
     return {"context": jnp.asarray(ctx), "negative_context": jnp.asarray(neg)}, f"contexts from {p}"
 
 
+def prompt_contexts(cfg: ml_collections.ConfigDict, release, mcfg, text_len: int) -> tuple[dict, dict]:
+    """umT5 contexts [text_len, D] of the prompt and the negative prompt (pads zeroed, as Wan / SkyReels do)."""
+    from experiments.pipeline import PromptEncoder, wan_context
+
+    enc = PromptEncoder(release, text_len, cfg.text.cache_dir)
+    pos, neg = enc(cfg.prompt), enc(cfg.negative_prompt)
+    if pos.hidden.shape[-1] != mcfg.text_dim:
+        raise ConfigError(f"the text encoder gives {pos.hidden.shape[-1]}-wide embeddings, the DiT takes "
+                          f"{mcfg.text_dim}: the release's parts do not belong together")
+    info = {"prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt, "cleaned": pos.cleaned,
+            "tokens": pos.tokens, "max_length": text_len, "truncated": pos.truncated or neg.truncated,
+            "cached": pos.cached and neg.cached, "seconds": pos.seconds + neg.seconds}
+    return {"context": jnp.asarray(wan_context(pos)), "negative_context": jnp.asarray(wan_context(neg))}, info
+
+
 def build_skyreels(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
+    from experiments.pipeline import make_decoder, open_release, prompt_note
     from flowcache_jax import checkpoint
     from models.skyreels_v2 import SkyReelsConfig
 
@@ -214,11 +245,18 @@ def build_skyreels(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) 
     plan = DFPlan(tuple(plan_windows(total, latent_frames(v.base_num_frames), latent_frames(v.overlap_history),
                                      s.causal_block_size)), total, s.num_steps, s.causal_block_size)
     cond, note = load_contexts(cfg.caption_file, mcfg)
+    release = open_release(cfg.checkpoint, "skyreels_v2")
+    text = None
+    if cfg.get("prompt") is not None:
+        cond, text = prompt_contexts(cfg, release, mcfg, int(meta["model_config"].get("text_len", 512)))
+        note = f"{prompt_note(text)}, negative prompt {cfg.negative_prompt!r}"
+    decoder = make_decoder(release)
     return Run(cfg=cfg, denoiser=None, params=params, cond=cond, table=plan, sampler=DFSampler(cfg, mcfg),
-               notes={"contexts": note, "windows": [list(w) for w in plan.windows],
+               decoder=decoder, text=text,
+               notes={"contexts": note, "windows": [list(w) for w in plan.windows], **release.notes(),
                       "attention": s.attention if cfg.policy.name != "flowcache" else
                       "per-group executor (block-causal by construction, the FlowCache reference)",
-                      "video": "latents (no VAE here)"})
+                      "video": "decoded by the Wan VAE as windows finish" if decoder else "latents (no VAE)"})
 
 
 def run_flops(run: Run, res: DFResult) -> dict:

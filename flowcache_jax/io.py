@@ -99,3 +99,20 @@ def frame_strip(frames, per_row: int = 8, gap: int = 2):
         r, c = divmod(i, per_row)
         out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = f
     return out
+
+
+def read_mp4(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """(RGB uint8 frames [T, H, W, 3], fps) of a video file (any format ffmpeg reads)."""
+    import warnings
+
+    import imageio.v2 as imageio
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="os.fork")
+        reader = imageio.get_reader(str(path), format="FFMPEG")
+        try:
+            fps = float(reader.get_meta_data().get("fps", 0.0))
+            frames = np.stack([np.asarray(f, np.uint8)[..., :3] for f in reader])
+        finally:
+            reader.close()
+    return frames, fps

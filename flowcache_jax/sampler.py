@@ -285,9 +285,11 @@ class Sampler:
 
     def run(self, params: Any, cond: Any, table: ScheduleTable, key: jax.Array, progress: bool = True,
             initial_noise: np.ndarray | None = None, record_stages: bool = False,
-            on_stage: Any = None) -> RunResult:
+            on_stage: Any = None, on_chunk: Any = None) -> RunResult:
         """Generate a video. ``initial_noise`` [B, n_chunks, *chunk_shape] replaces the seeded noise;
-        ``on_stage(stage, state)`` is called after every stage (inspection, memory sampling)."""
+        ``on_stage(stage, state)`` is called after every stage (inspection, memory sampling);
+        ``on_chunk(chunk, latent [B, *chunk_shape])`` as soon as a chunk is final (e.g. to decode it with a VAE
+        while the later chunks are still being denoised)."""
         limit = getattr(self.denoiser, "n_chunks", None)
         if limit is not None and table.n_chunks > limit:
             raise ValueError(f"the schedule has {table.n_chunks} chunks but the denoiser's KV buffer holds {limit}")
@@ -310,7 +312,7 @@ class Sampler:
             for st, noise in enumerate(noises):
                 for r in np.flatnonzero(table.enter[st] >= 0):
                     video[:, table.enter[st][r]] = noise[r]
-        t0 = time.perf_counter()
+        t0, t_callbacks = time.perf_counter(), 0.0
         for s in tqdm(range(table.num_stages), desc=f"{self.policy.name} stages", disable=not progress,
                       leave=False):
             noise = noises[s]
@@ -326,12 +328,17 @@ class Sampler:
                 ids = np.asarray(state.chunk) if record_stages else fin
                 for r in np.flatnonzero(ids >= 0):
                     video[:, ids[r]] = lat[r]
+                if on_chunk is not None:
+                    t_cb = time.perf_counter()
+                    for r in np.flatnonzero(fin >= 0):
+                        on_chunk(int(fin[r]), lat[r])
+                    t_callbacks += time.perf_counter() - t_cb
             if record_stages:
                 stage_latents.append(video.copy())
                 if hasattr(self.denoiser, "report"):
                     reports.append(jax.tree.map(np.asarray, self.denoiser.report(state.kv)))
         computed, probing = int(state.computed), self.features != "input"
-        t_denoise = time.perf_counter() - t0
+        t_denoise = time.perf_counter() - t0 - t_callbacks  # decoding in on_chunk is the caller's to time
         rec = {k: np.concatenate([np.asarray(r[k]) for r in recs])[table.step_valid.reshape(-1)]
                for k in recs[0]}
         return RunResult(video=video, decisions=rec["decisions"], chunk=rec["chunk"], rel=rec["rel"],

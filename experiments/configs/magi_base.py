@@ -1,6 +1,7 @@
 """Shared base of the MAGI-1 presets (the FlowCache t2v run: 720x720, 240 frames, 64 steps, window 4)."""
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "reference"
@@ -10,9 +11,14 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
     c.model = "magi1"
     c.checkpoint = ""  # the converter's output folder (python -m converters.convert --model=magi1 ...)
     c.caption_file = ""  # .safetensors/.npz with "y" [L, C] or [n_chunks, L, C] (+ "mask"); empty: null caption
+    # A text prompt, encoded by the checkpoint's T5 (a release folder from converters.release); unset: caption_file
+    # or the null caption. The encoding is cached on disk (text.cache_dir, default ~/.cache/flowcache_jax/prompts).
+    c.prompt = config_dict.placeholder(str)
+    c.text = ml_collections.ConfigDict(dict(cache_dir="", pad_hq=True, pad_duration=True))  # MAGI special tokens
     c.seed = 1234
     c.batch = 1
-    c.video = ml_collections.ConfigDict(dict(num_chunks=10, latent_height=90, latent_width=90, chunk_width=6))
+    c.video = ml_collections.ConfigDict(dict(num_chunks=10, latent_height=90, latent_width=90, chunk_width=6,
+                                             fps=24))  # fps of the MP4 (MAGI-1 generates at 24)
     c.sampler = ml_collections.ConfigDict(dict(
         num_steps=64, window=4, clean_t=0.9999, shortcut_mode="8,16,16",  # the 12-step grid's split
         # "reference": the FlowCache fork (no clean re-encode of finished chunks, nearly-clean duplicate dropped);
@@ -25,8 +31,9 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
         compress=False,  # FlowCache's KV compression: a fixed buffer of budget_chunks chunks (spec flowcache §4.2)
         budget_chunks=5,  # total_cache_chunk_nums as shipped: window + compressed history (here 1 chunk)
         mix_lambda=0.07, kernel=7, query_granularity="frame"))
-    c.prefix = ml_collections.ConfigDict(dict(
-        chunks=0, source="file", file=""))  # video continuation: .npz "latents" [16, T, H, W], its last chunks
+    # Video continuation (MAGI-1's v2v): the last `chunks` chunks of a clip, given clean. source "file": an .npz with
+    # "latents" [16, T, H, W]; "video": an MP4 (`video`) encoded with the checkpoint's VAE (chunks 0 = all it holds).
+    c.prefix = ml_collections.ConfigDict(dict(chunks=0, source="file", file="", video=""))
     c.policy = ml_collections.ConfigDict(dict(
         name=policy, threshold=threshold, warmup=5, coeffs=(), reuse="displacement", metric_dtype="float32",
         ratios=(), max_skips=4))  # MagCache: calibrated ratios per step (empty: calibrate), skip cap

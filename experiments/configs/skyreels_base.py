@@ -1,6 +1,7 @@
 """Shared base of the SkyReels-V2 DF-1.3B-540P presets (the FlowCache run: 177 frames, 2 windows, 50 steps)."""
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_base(name: str, policy: str, threshold: float = 0.0) -> ml_collections.ConfigDict:
@@ -9,6 +10,11 @@ def get_base(name: str, policy: str, threshold: float = 0.0) -> ml_collections.C
     c.model = "skyreels_v2"
     c.checkpoint = ""  # the converter's output folder (python -m converters.convert --model=skyreels_v2 ...)
     c.caption_file = ""  # .npz with "context" [L, 4096] (+ "negative_context"): umT5 outputs; empty: zero contexts
+    # A text prompt (and the CFG branch's negative prompt), encoded by the checkpoint's umT5 (a release folder from
+    # converters.release), cached on disk; unset: caption_file or zero contexts.
+    c.prompt = config_dict.placeholder(str)
+    c.negative_prompt = ""
+    c.text = ml_collections.ConfigDict(dict(cache_dir=""))
     c.seed = 1024
     c.batch = 1
     c.video = ml_collections.ConfigDict(dict(

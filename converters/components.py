@@ -1,0 +1,287 @@
+"""Every convertible component in one table: how its upstream config is found, its key map, its bf16 rule.
+
+The single-model CLI (``converters.convert``) and the whole-release CLI (``converters.release``) both go
+through ``convert_component``, so a DiT, a text encoder and a VAE are converted, validated and stored alike:
+an orbax ``params/`` folder plus ``model_config.json`` holding ``{model, format, model_config, dtype, source}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.safetensors_io import CheckpointError, open_reader
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    name: str
+    role: str  # "dit" | "text_encoder" | "vae"
+    formats: tuple[str, ...]
+    # (config path or None, reader, format) -> the upstream config dict stored with the checkpoint
+    read_config: Callable[[str | None, Any, str, Path], dict]
+    # (reader, config dict, format, dtype rule) -> parameter tree
+    convert: Callable[[Any, dict, str, Callable[[str], Any] | None], dict]
+    # destination path -> keep in float32 under --dtype=bf16 (norms, embedders, heads: upstream keeps them f32)
+    keep_f32: Callable[[str], bool]
+    detect_format: Callable[[list[str]], str | None] | None = None
+
+
+def _json(path: str | Path, what: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{what} {p} does not exist")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} {p} is not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{what} {p} must hold a JSON object")
+    return d
+
+
+def _beside(src: Path, name: str = "config.json") -> Path | None:
+    """``config.json`` in the checkpoint's folder (HF / diffusers layouts keep it next to the weights)."""
+    folder = src if src.is_dir() else src.parent
+    return folder / name if (folder / name).is_file() else None
+
+
+WEIGHT_GLOBS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
+
+
+def digests(src: Path) -> dict[str, str]:
+    """sha256 of every weight file of a checkpoint (one file or a folder of shards)."""
+    src = Path(src)
+    files = [src] if src.is_file() else sorted({f for g in WEIGHT_GLOBS for f in src.glob(g)})
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        out[f.name] = h.hexdigest()
+    return out
+
+
+# ----- DiTs --------------------------------------------------------------------------------------------------
+def _dit_config(model: str):
+    def read(path, reader, fmt, src):
+        from converters.model_config import read_model_config
+
+        return read_model_config(path, model)
+    return read
+
+
+def _convert_magi1(reader, config, fmt, dtype):
+    from converters.keymaps.magi1 import convert_magi1
+    from models.magi1 import Magi1Config
+
+    if fmt != "original":
+        raise CheckpointError("MAGI-1 checkpoints have one layout: use --format=original")
+    return convert_magi1(reader, Magi1Config.from_upstream(config), dtype)
+
+
+def _convert_skyreels(reader, config, fmt, dtype):
+    from converters.keymaps.skyreels_v2 import convert_skyreels, convert_skyreels_diffusers
+    from models.skyreels_v2 import SkyReelsConfig
+
+    cfg = SkyReelsConfig.from_upstream(config)
+    return (convert_skyreels_diffusers if fmt == "diffusers" else convert_skyreels)(reader, cfg, dtype)
+
+
+def _detect_skyreels(keys: list[str]) -> str | None:
+    if any(k.startswith("condition_embedder.") for k in keys):
+        return "diffusers"
+    if any(k.startswith("text_embedding.") for k in keys):
+        return "original"
+    return None
+
+
+def _dit_keep_f32(path: str) -> bool:
+    return not path.startswith("layers/")
+
+
+# ----- text encoders -------------------------------------------------------------------------------------------
+def _t5_config(kind: str):
+    def read(path, reader, fmt, src):
+        from models.t5 import T5Config, config_from_wan_shapes
+
+        if path is not None:
+            config = _json(path, "--model_config")
+        elif fmt == "original":
+            shapes = {k: tuple(np.shape(reader[k])) if not hasattr(reader, "shape") else reader.shape(k)
+                      for k in reader.keys()}
+            config = config_from_wan_shapes(shapes)
+        elif _beside(src) is not None:
+            config = _json(_beside(src), "config.json")
+        else:
+            raise CheckpointError(f"no config.json beside {src}: pass the encoder's HF config with --model_config")
+        try:
+            T5Config.from_hf(config)
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"the text encoder config does not describe a T5 encoder: {e}") from e
+        if (config.get("model_type") == "umt5") != (kind == "umt5"):
+            raise CheckpointError(f"the config says model_type={config.get('model_type')!r}; use --model="
+                                  f"{'umt5' if config.get('model_type') == 'umt5' else 't5'}")
+        return config
+    return read
+
+
+def _convert_t5(reader, config, fmt, dtype):
+    from converters.keymaps.t5 import convert_t5
+    from models.t5 import T5Config
+
+    return convert_t5(reader, T5Config.from_hf(config), "wan" if fmt == "original" else "hf", dtype)
+
+
+def _detect_t5(keys: list[str]) -> str | None:
+    from converters.keymaps.t5 import detect_format
+
+    f = detect_format(keys)
+    return {"wan": "original", "hf": "hf"}.get(f, f)
+
+
+# ----- VAEs ----------------------------------------------------------------------------------------------------
+def _wan_vae_config(path, reader, fmt, src):
+    from models.wan_vae import WAN21_VAE, WanVAEConfig
+
+    if path is not None:
+        d = _json(path, "--model_config")
+        # a fixture-style file holding both kwarg sets: take the one of this layout
+        d = d.get("diffusers_AutoencoderKLWan_kwargs" if fmt == "diffusers" else "wan_WanVAE_kwargs", d)
+        if fmt == "original" and "latents_mean" not in d:
+            full = _json(path, "--model_config")
+            for a, b in (("tiny_latent_mean", "latents_mean"), ("tiny_latent_std", "latents_std")):
+                if a in full:
+                    d = dict(d, **{b: full[a]})
+    elif fmt == "diffusers" and _beside(src) is not None:
+        d = _json(_beside(src), "config.json")
+    else:
+        d = dict(WAN21_VAE)
+        if "encoder.conv1.weight" in reader.keys():
+            d["dim"] = int(_shape(reader, "encoder.conv1.weight")[0])
+    d = {k: v for k, v in d.items() if not k.startswith("_")}
+    try:
+        WanVAEConfig.from_kwargs(d)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"the VAE config does not describe a Wan VAE: {e}") from e
+    return d
+
+
+def _shape(reader, key: str) -> tuple[int, ...]:
+    return tuple(reader.shape(key)) if hasattr(reader, "shape") else tuple(np.shape(reader[key]))
+
+
+def _convert_wan_vae(reader, config, fmt, dtype):
+    from converters.keymaps.wan_vae import convert_wan_vae
+    from models.wan_vae import WanVAEConfig
+
+    return convert_wan_vae(reader, WanVAEConfig.from_kwargs(config), fmt, dtype)
+
+
+def _detect_wan_vae(keys: list[str]) -> str | None:
+    from converters.keymaps.wan_vae import detect_format
+
+    return detect_format(keys)
+
+
+def _magi1_vae_config(path, reader, fmt, src):
+    from models.magi1_vae import MAGI1_VAE_DDCONFIG, Magi1VAEConfig
+
+    if path is not None:
+        d = _json(path, "--model_config")
+    elif _beside(src) is not None:
+        d = _json(_beside(src), "config.json")
+    else:
+        d = {"ddconfig": dict(MAGI1_VAE_DDCONFIG)}
+    d = {"ddconfig": d.get("ddconfig", d), **{k: d[k] for k in ("scale_factor", "tiling") if k in d}}
+    try:
+        Magi1VAEConfig.from_config(d)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"the VAE config does not describe a MAGI-1 ViT VAE: {e}") from e
+    return d
+
+
+def _convert_magi1_vae(reader, config, fmt, dtype):
+    from converters.keymaps.magi1_vae import convert_magi1_vae
+    from models.magi1_vae import Magi1VAEConfig
+
+    if fmt != "original":
+        raise CheckpointError("the MAGI-1 VAE has one layout: use --format=original")
+    return convert_magi1_vae(reader, Magi1VAEConfig.from_config(config), dtype)
+
+
+def _norms_f32(path: str) -> bool:
+    leaf = path.rsplit("/", 2)
+    return any("norm" in p or p in ("gamma", "scale") for p in leaf)
+
+
+COMPONENTS: dict[str, Component] = {c.name: c for c in (
+    Component("magi1", "dit", ("original",), _dit_config("magi1"), _convert_magi1, _dit_keep_f32),
+    Component("skyreels_v2", "dit", ("original", "diffusers"), _dit_config("skyreels_v2"), _convert_skyreels,
+              _dit_keep_f32, _detect_skyreels),
+    Component("t5", "text_encoder", ("hf",), _t5_config("t5"), _convert_t5, _norms_f32, _detect_t5),
+    Component("umt5", "text_encoder", ("original", "hf"), _t5_config("umt5"), _convert_t5, _norms_f32, _detect_t5),
+    Component("wan_vae", "vae", ("original", "diffusers"), _wan_vae_config, _convert_wan_vae, _norms_f32,
+              _detect_wan_vae),
+    Component("magi1_vae", "vae", ("original",), _magi1_vae_config, _convert_magi1_vae, _norms_f32),
+)}
+
+
+def dtype_rule(comp: Component, dtype: str) -> Callable[[str], Any] | None:
+    """keep: the source dtypes; fp32: all float32; bf16: bfloat16 except what upstream keeps in float32."""
+    if dtype == "keep":
+        return None
+    if dtype == "fp32":
+        return lambda path: np.float32
+    import ml_dtypes
+
+    return lambda path: np.float32 if comp.keep_f32(path) else ml_dtypes.bfloat16
+
+
+def format_hint(comp: Component, fmt: str, keys: list[str], flag: str = "--format") -> str:
+    """A line pointing at the right ``--format`` when the keys belong to the other layout."""
+    if comp.detect_format is None:
+        return ""
+    found = comp.detect_format(keys)
+    if found is not None and found != fmt and found in comp.formats:
+        return f"\n(these are {found} names: add {flag}={found})"
+    return ""
+
+
+def convert_component(name: str, src: str | Path, fmt: str | None = None, config_path: str | None = None,
+                      dtype: str = "keep", allow_pickle: bool = False, format_flag: str = "--format"
+                      ) -> tuple[dict, dict]:
+    """(params, meta) of one component; raises CheckpointError with every problem and a --format hint."""
+    if name not in COMPONENTS:
+        raise CheckpointError(f"unknown model {name!r}; one of {', '.join(COMPONENTS)}")
+    comp = COMPONENTS[name]
+    fmt = fmt or comp.formats[0]
+    if fmt not in comp.formats:
+        raise CheckpointError(f"{format_flag}={fmt} does not exist for {name}; use one of {', '.join(comp.formats)}")
+    src = Path(src)
+    reader = open_reader(src, allow_pickle)
+    keys = reader.keys()
+    try:
+        config = comp.read_config(config_path, reader, fmt, src)
+        params = comp.convert(reader, config, fmt, dtype_rule(comp, dtype))
+    except CheckpointError as e:
+        hint = format_hint(comp, fmt, keys, format_flag)
+        if hint:
+            # a key map's own "(these are ...)" line names its function's argument; the CLI flag replaces it
+            msg = "\n".join(ln for ln in str(e).splitlines() if not ln.startswith("(these are"))
+            err = CheckpointError(msg + hint)
+            err.problems = getattr(e, "problems", [])
+            raise err from e
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}{format_hint(comp, fmt, keys, format_flag)}") from e
+    meta = {"model": name, "role": comp.role, "format": fmt, "model_config": config, "dtype": dtype,
+            "source": {"path": str(src.resolve()), "sha256": digests(src)}}
+    return params, meta
