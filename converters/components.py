@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from converters.model_config import read_json
 from converters.safetensors_io import CheckpointError, open_reader
 
 
@@ -26,24 +26,11 @@ class Component:
     formats: tuple[str, ...]
     # (config path or None, reader, format) -> the upstream config dict stored with the checkpoint
     read_config: Callable[[str | None, Any, str, Path], dict]
-    # (reader, config dict, format, dtype rule) -> parameter tree
-    convert: Callable[[Any, dict, str, Callable[[str], Any] | None], dict]
+    # (reader, config dict, format, dtype rule, sink) -> parameter tree (what was not handed to the sink)
+    convert: Callable[..., dict]
     # destination path -> keep in float32 under --dtype=bf16 (norms, embedders, heads: upstream keeps them f32)
     keep_f32: Callable[[str], bool]
     detect_format: Callable[[list[str]], str | None] | None = None
-
-
-def _json(path: str | Path, what: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{what} {p} does not exist")
-    try:
-        d = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{what} {p} is not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{what} {p} must hold a JSON object")
-    return d
 
 
 def _beside(src: Path, name: str = "config.json") -> Path | None:
@@ -78,21 +65,21 @@ def _dit_config(model: str):
     return read
 
 
-def _convert_magi1(reader, config, fmt, dtype):
+def _convert_magi1(reader, config, fmt, dtype, sink=None):
     from converters.keymaps.magi1 import convert_magi1
     from models.magi1 import Magi1Config
 
     if fmt != "original":
         raise CheckpointError("MAGI-1 checkpoints have one layout: use --format=original")
-    return convert_magi1(reader, Magi1Config.from_upstream(config), dtype)
+    return convert_magi1(reader, Magi1Config.from_upstream(config), dtype, sink)
 
 
-def _convert_skyreels(reader, config, fmt, dtype):
+def _convert_skyreels(reader, config, fmt, dtype, sink=None):
     from converters.keymaps.skyreels_v2 import convert_skyreels, convert_skyreels_diffusers
     from models.skyreels_v2 import SkyReelsConfig
 
     cfg = SkyReelsConfig.from_upstream(config)
-    return (convert_skyreels_diffusers if fmt == "diffusers" else convert_skyreels)(reader, cfg, dtype)
+    return (convert_skyreels_diffusers if fmt == "diffusers" else convert_skyreels)(reader, cfg, dtype, sink)
 
 
 def _detect_skyreels(keys: list[str]) -> str | None:
@@ -113,13 +100,13 @@ def _t5_config(kind: str):
         from models.t5 import T5Config, config_from_wan_shapes
 
         if path is not None:
-            config = _json(path, "--model_config")
+            config = read_json(path, "--model_config")
         elif fmt == "original":
             shapes = {k: tuple(np.shape(reader[k])) if not hasattr(reader, "shape") else reader.shape(k)
                       for k in reader.keys()}
             config = config_from_wan_shapes(shapes)
         elif _beside(src) is not None:
-            config = _json(_beside(src), "config.json")
+            config = read_json(_beside(src), "config.json")
         else:
             raise CheckpointError(f"no config.json beside {src}: pass the encoder's HF config with --model_config")
         try:
@@ -133,11 +120,11 @@ def _t5_config(kind: str):
     return read
 
 
-def _convert_t5(reader, config, fmt, dtype):
+def _convert_t5(reader, config, fmt, dtype, sink=None):
     from converters.keymaps.t5 import convert_t5
     from models.t5 import T5Config
 
-    return convert_t5(reader, T5Config.from_hf(config), "wan" if fmt == "original" else "hf", dtype)
+    return convert_t5(reader, T5Config.from_hf(config), "wan" if fmt == "original" else "hf", dtype, sink)
 
 
 def _detect_t5(keys: list[str]) -> str | None:
@@ -152,16 +139,16 @@ def _wan_vae_config(path, reader, fmt, src):
     from models.wan_vae import WAN21_VAE, WanVAEConfig
 
     if path is not None:
-        d = _json(path, "--model_config")
+        d = read_json(path, "--model_config")
         # a fixture-style file holding both kwarg sets: take the one of this layout
         d = d.get("diffusers_AutoencoderKLWan_kwargs" if fmt == "diffusers" else "wan_WanVAE_kwargs", d)
         if fmt == "original" and "latents_mean" not in d:
-            full = _json(path, "--model_config")
+            full = read_json(path, "--model_config")
             for a, b in (("tiny_latent_mean", "latents_mean"), ("tiny_latent_std", "latents_std")):
                 if a in full:
                     d = dict(d, **{b: full[a]})
     elif fmt == "diffusers" and _beside(src) is not None:
-        d = _json(_beside(src), "config.json")
+        d = read_json(_beside(src), "config.json")
     else:
         d = dict(WAN21_VAE)
         if "encoder.conv1.weight" in reader.keys():
@@ -178,11 +165,11 @@ def _shape(reader, key: str) -> tuple[int, ...]:
     return tuple(reader.shape(key)) if hasattr(reader, "shape") else tuple(np.shape(reader[key]))
 
 
-def _convert_wan_vae(reader, config, fmt, dtype):
+def _convert_wan_vae(reader, config, fmt, dtype, sink=None):
     from converters.keymaps.wan_vae import convert_wan_vae
     from models.wan_vae import WanVAEConfig
 
-    return convert_wan_vae(reader, WanVAEConfig.from_kwargs(config), fmt, dtype)
+    return convert_wan_vae(reader, WanVAEConfig.from_kwargs(config), fmt, dtype, sink)
 
 
 def _detect_wan_vae(keys: list[str]) -> str | None:
@@ -195,9 +182,9 @@ def _magi1_vae_config(path, reader, fmt, src):
     from models.magi1_vae import MAGI1_VAE_DDCONFIG, Magi1VAEConfig
 
     if path is not None:
-        d = _json(path, "--model_config")
+        d = read_json(path, "--model_config")
     elif _beside(src) is not None:
-        d = _json(_beside(src), "config.json")
+        d = read_json(_beside(src), "config.json")
     else:
         d = {"ddconfig": dict(MAGI1_VAE_DDCONFIG)}
     d = {"ddconfig": d.get("ddconfig", d), **{k: d[k] for k in ("scale_factor", "tiling") if k in d}}
@@ -208,13 +195,13 @@ def _magi1_vae_config(path, reader, fmt, src):
     return d
 
 
-def _convert_magi1_vae(reader, config, fmt, dtype):
+def _convert_magi1_vae(reader, config, fmt, dtype, sink=None):
     from converters.keymaps.magi1_vae import convert_magi1_vae
     from models.magi1_vae import Magi1VAEConfig
 
     if fmt != "original":
         raise CheckpointError("the MAGI-1 VAE has one layout: use --format=original")
-    return convert_magi1_vae(reader, Magi1VAEConfig.from_config(config), dtype)
+    return convert_magi1_vae(reader, Magi1VAEConfig.from_config(config), dtype, sink)
 
 
 def _norms_f32(path: str) -> bool:
@@ -256,9 +243,12 @@ def format_hint(comp: Component, fmt: str, keys: list[str], flag: str = "--forma
 
 
 def convert_component(name: str, src: str | Path, fmt: str | None = None, config_path: str | None = None,
-                      dtype: str = "keep", allow_pickle: bool = False, format_flag: str = "--format"
-                      ) -> tuple[dict, dict]:
-    """(params, meta) of one component; raises CheckpointError with every problem and a --format hint."""
+                      dtype: str = "keep", allow_pickle: bool = False, format_flag: str = "--format",
+                      sink: Callable[[str, np.ndarray], None] | None = None) -> tuple[dict, dict]:
+    """(params, meta) of one component; raises CheckpointError with every problem and a --format hint.
+
+    With ``sink`` every converted tensor is handed over as it is made; ``params`` then holds only what the key
+    map added after the tensors (hand it over too, e.g. ``LeafWriter.put_tree``)."""
     if name not in COMPONENTS:
         raise CheckpointError(f"unknown model {name!r}; one of {', '.join(COMPONENTS)}")
     comp = COMPONENTS[name]
@@ -270,7 +260,7 @@ def convert_component(name: str, src: str | Path, fmt: str | None = None, config
     keys = reader.keys()
     try:
         config = comp.read_config(config_path, reader, fmt, src)
-        params = comp.convert(reader, config, fmt, dtype_rule(comp, dtype))
+        params = comp.convert(reader, config, fmt, dtype_rule(comp, dtype), sink)
     except CheckpointError as e:
         hint = format_hint(comp, fmt, keys, format_flag)
         if hint:
@@ -285,3 +275,17 @@ def convert_component(name: str, src: str | Path, fmt: str | None = None, config
     meta = {"model": name, "role": comp.role, "format": fmt, "model_config": config, "dtype": dtype,
             "source": {"path": str(src.resolve()), "sha256": digests(src)}}
     return params, meta
+
+
+def convert_into(folder: str | Path, name: str, src: str | Path, fmt: str | None = None,
+                 config_path: str | None = None, dtype: str = "keep", allow_pickle: bool = False,
+                 format_flag: str = "--format") -> dict:
+    """Convert one component straight into ``folder`` (``params/`` + ``model_config.json``), tensor by tensor
+    through ``checkpoint.LeafWriter``: the host never holds the model. Returns the metadata."""
+    from flowcache_jax.checkpoint import LeafWriter
+
+    writer = LeafWriter(folder)
+    params, meta = convert_component(name, src, fmt, config_path, dtype, allow_pickle, format_flag, writer.put)
+    writer.put_tree(params)
+    writer.close(meta)
+    return meta

@@ -49,14 +49,12 @@ def convert_to_dir(model: str, src: str | Path, dst: str | Path, config_path: st
                    dtype: str = "keep", overwrite: bool = False, allow_pickle: bool = False,
                    fmt: str | None = None) -> Path:
     """The whole conversion; raises CheckpointError / FileExistsError with readable messages."""
-    from converters.components import convert_component
+    from converters.components import convert_into
     from flowcache_jax import checkpoint
 
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:  # before the (long) conversion
-        raise FileExistsError(f"{dst} exists and is not empty; choose another --dst or pass --overwrite")
-    params, meta = convert_component(model, src, fmt, config_path, dtype, allow_pickle)
-    return checkpoint.save(dst, params, meta, overwrite=overwrite)
+    with checkpoint.staged_dir(dst, overwrite) as tmp:  # tensor by tensor into a temporary folder, then renamed
+        convert_into(tmp, model, src, fmt, config_path, dtype, allow_pickle)
+    return Path(dst).resolve()
 
 
 def main(argv: list[str]) -> None:

@@ -41,13 +41,15 @@ DtypeRule = Callable[[str], Any]
 
 
 def convert(reader: Any, rules: tuple[Rule, ...], transforms: Mapping[str, Transform], cfg: Any,
-            expected: Mapping, num_layers: int, dtype: np.dtype | DtypeRule | None = None) -> dict:
+            expected: Mapping, num_layers: int, dtype: np.dtype | DtypeRule | None = None,
+            sink: Callable[[str, np.ndarray], None] | None = None) -> dict:
     """Build the nested parameter dict; ``expected`` holds the target shapes (per-layer ones lead with L).
 
     Streams tensor by tensor: each source tensor is read, transformed and cast to its target dtype (``dtype``:
     one dtype, or a function of the destination path; None keeps the source dtype) before the next is read, and
-    per-layer tensors are written into one preallocated stacked array, so the host never holds a second copy
-    of the model (see ``converters/memory_check.py``).
+    per-layer tensors are written into one preallocated stacked array. With ``sink(path, array)`` every finished
+    parameter is handed over (e.g. to ``checkpoint.LeafWriter``) instead of kept, so the host holds a few tensors,
+    never the model (``experiments/convert_memory.py``); problems are still all collected, then raised.
     """
     problems: list[str] = []
     out: dict = {}
@@ -95,7 +97,11 @@ def convert(reader: Any, rules: tuple[Rule, ...], transforms: Mapping[str, Trans
         if problems or any(f != len(layers) for f in filled):
             continue
         for path, value in zip(rule.dst, stacked, strict=True):
-            _set(out, path, value)
+            if sink is not None:
+                sink(path, value)
+            else:
+                _set(out, path, value)
+        del stacked
     extra = sorted(available - used)
     problems += [f"unexpected key {k}" for k in extra]
     if problems:

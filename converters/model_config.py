@@ -19,14 +19,22 @@ def read_model_config(path: str | None, model: str = "magi1") -> dict:
         from models.skyreels_v2 import SKYREELS_DF_1P3B
 
         return dict(SKYREELS_DF_1P3B)
+    d = read_json(path, "--model_config")
+    d = d.get("model_config", d)
+    if not isinstance(d, dict):
+        raise CheckpointError(f"--model_config {path}: its model_config must be a JSON object (an upstream config)")
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    """A JSON object from a file, or a CheckpointError naming the flag (``what``) and what is wrong."""
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"--model_config {p} does not exist")
+        raise CheckpointError(f"{what} {p} does not exist")
     try:
         d = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"--model_config {p} is not valid JSON ({e})") from e
-    d = d.get("model_config", d) if isinstance(d, dict) else d
+        raise CheckpointError(f"{what} {p} is not valid JSON ({e})") from e
     if not isinstance(d, dict):
-        raise CheckpointError(f"--model_config {p} must hold a JSON object (an upstream config)")
-    return {k: v for k, v in d.items() if not k.startswith("_")}
+        raise CheckpointError(f"{what} {p} must hold a JSON object")
+    return d

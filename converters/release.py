@@ -12,8 +12,8 @@ r"""Convert a whole release (DiT + text encoder + tokenizer + VAE) into one chec
 The folder holds the DiT where ``converters.convert`` puts it (``params/``, ``model_config.json``) and, beside
 it, ``text_encoder/`` and ``vae/`` (each ``params/`` + ``model_config.json``), ``tokenizer/`` (the
 checkpoint's own tokenizer files, copied) and, for MAGI-1, ``special_tokens.npz``; ``release.json`` lists what
-is in it. Parts left out are left out (the run says so). Components are converted one after the other and
-each is written before the next is read, tensor by tensor: the peak memory is about one converted component.
+is in it. Parts left out are left out (the run says so). Components are converted one after the other, each
+written tensor by tensor as it is converted (``checkpoint.LeafWriter``): the host never holds a whole model.
 Everything is built in a temporary folder beside ``--dst`` and renamed at the end: nothing partial remains.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -102,35 +101,24 @@ def convert_release(model: str, dst: str | Path, dit: str, *, dit_config: str | 
                     vae_format: str | None = None, special_tokens: str | None = None, dtype: str = "keep",
                     overwrite: bool = False, allow_pickle: bool = False, log=print) -> Path:
     """Convert every given part into ``dst`` (built in a temporary folder, renamed at the end)."""
-    import gc
-
-    from converters.components import convert_component
+    from converters.components import convert_into
     from converters.safetensors_io import CheckpointError
     from flowcache_jax import checkpoint
 
-    dst = Path(dst).resolve()
-    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not overwrite)):
-        raise FileExistsError(f"{dst} exists and is not an empty folder; choose another --dst or pass --overwrite")
     if (text_encoder is None) != (tokenizer is None):
         raise CheckpointError("give --text_encoder and --tokenizer together (the encoder needs its tokenizer)")
     fam = FAMILIES[model]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     parts: dict = {}
-    try:
-        params, meta = convert_component(model, dit, dit_format, dit_config, dtype, allow_pickle, "--dit_format")
-        checkpoint.write(tmp, params, meta)
+    with checkpoint.staged_dir(dst, overwrite) as tmp:
+        meta = convert_into(tmp, model, dit, dit_format, dit_config, dtype, allow_pickle, "--dit_format")
         caption_channels = meta["model_config"].get("caption_channels", meta["model_config"].get("text_dim", 4096))
         parts["dit"] = {"model": model, "source": meta["source"]}
         log(f"dit: {model} from {dit}")
-        del params
-        gc.collect()
         for role, src, cfg_path, fmt in (("text_encoder", text_encoder, text_encoder_config, text_encoder_format),
                                          ("vae", vae, vae_config, vae_format)):
             if src is None:
                 continue
-            params, meta = convert_component(fam[role], src, fmt, cfg_path, dtype, allow_pickle, f"--{role}_format")
-            checkpoint.write(tmp / role, params, meta)
+            meta = convert_into(tmp / role, fam[role], src, fmt, cfg_path, dtype, allow_pickle, f"--{role}_format")
             parts[role] = {"model": fam[role], "format": meta["format"], "source": meta["source"]}
             log(f"{role}: {fam[role]} ({meta['format']}) from {src}")
             if role == "text_encoder":
@@ -138,8 +126,6 @@ def convert_release(model: str, dst: str | Path, dit: str, *, dit_config: str | 
                 if width != caption_channels:
                     raise CheckpointError(f"the text encoder's width {width} != the DiT's caption width "
                                           f"{caption_channels}: these parts do not belong together")
-            del params
-            gc.collect()
         if tokenizer is not None:
             parts["tokenizer"] = {"files": copy_tokenizer(tokenizer, tmp / "tokenizer"), "source": str(tokenizer)}
             log(f"tokenizer: {', '.join(parts['tokenizer']['files'])}")
@@ -151,11 +137,7 @@ def convert_release(model: str, dst: str | Path, dit: str, *, dit_config: str | 
             parts["special_tokens"] = {"source": str(special_tokens)}
         (tmp / "release.json").write_text(json.dumps({"model": model, "dtype": dtype, "parts": parts}, indent=1)
                                           + "\n")
-        checkpoint.replace_dir(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return dst
+    return Path(dst).resolve()
 
 
 def main(argv: list[str]) -> None:

@@ -61,6 +61,11 @@ class SafetensorsReader:
     def __getitem__(self, key: str) -> np.ndarray:
         return self._file(key).get_tensor(key)
 
+    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor, read without the rest of it."""
+        sl = self._file(key).get_slice(key)
+        return sl[start:min(stop, sl.get_shape()[0])]
+
     def read(self, key: str, dtype, block_bytes: int = 1 << 28) -> np.ndarray:
         """The tensor cast to ``dtype`` while it is read, block of rows by block of rows: a 4 GB fp32 embedding
         converted to bf16 costs 2 GB (the result) plus one block, not 4 + 2 GB."""
@@ -124,8 +129,26 @@ class PickleReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._sd[key].shape)
 
+    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor (the memory map is only touched there)."""
+        return self._numpy(self._sd[key][start:stop])
+
+    def read(self, key: str, dtype, block_bytes: int = 1 << 28) -> np.ndarray:
+        """The tensor cast to ``dtype`` block of rows by block of rows (see ``SafetensorsReader.read``)."""
+        t = self._sd[key]
+        if t.ndim < 2 or t.numel() * 4 <= block_bytes or not t.dtype.is_floating_point:
+            return np.asarray(self[key], dtype=dtype) if t.dtype.is_floating_point else self[key]
+        out = np.empty(tuple(t.shape), dtype)
+        step = max(1, block_bytes * t.shape[0] // (t.numel() * 4))
+        for r in range(0, t.shape[0], step):
+            out[r:r + step] = self._numpy(t[r:r + step])
+        return out
+
     def __getitem__(self, key: str) -> np.ndarray:
-        t = self._sd[key].detach()
+        return self._numpy(self._sd[key])
+
+    def _numpy(self, t) -> np.ndarray:
+        t = t.detach()
         if t.dtype == self._torch.bfloat16:
             import ml_dtypes
 

@@ -71,9 +71,11 @@ def _flops(compiled) -> float:
 
 
 def _depth_extrapolated(make, depth: int) -> float:
-    """FLOPs of a program whose layers are one scanned loop: compile at 1 and 2 layers, extrapolate to ``depth``."""
-    f1, f2 = (_flops(_compile(*make(n))[0]) for n in (1, 2))
-    return f1 + (depth - 1) * (f2 - f1)
+    """FLOPs of a program whose layers are one scanned loop. XLA counts a loop body once whatever its trip count,
+    but removes a loop of 0 trips and inlines a loop of 1: compiled at 0 and 1 layers, the difference is one
+    layer, and the program costs f(0) + depth * (f(1) - f(0))."""
+    f0, f1 = (_flops(_compile(*make(n))[0]) for n in (0, 1))
+    return f0 + depth * (f1 - f0)
 
 
 def check_text_encoder(name: str, tokens: int) -> dict:
@@ -120,8 +122,10 @@ def check_wan_vae(frames: int = 97, height: int = 544, width: int = 960) -> dict
     step = jax.jit(prog._dec_block).lower(p, state, zb, valid).compile()
     secs = time.perf_counter() - t0
     blocks = -(-(t_lat - 1) // block)
-    # XLA counts the scanned frame once: a block's FLOPs are one frame's; the video has t_lat - 1 such frames
-    flops = _flops(init) + (t_lat - 1) * _flops(step)
+    # a block scans its frames (XLA counts a loop body once): one frame's FLOPs from a block of 1 (inlined loop)
+    one = jax.jit(prog._dec_block).lower(p, state, jax.ShapeDtypeStruct((cfg.z_dim, 1, h, w), f32),
+                                         jax.ShapeDtypeStruct((1,), bool)).compile()
+    flops = _flops(init) + (t_lat - 1) * _flops(one)
     m_init, m_step = memory(init), memory(step)
     peak = max(m_init["peak_gb"], m_step["peak_gb"])
     return {"part": "wan_vae", "what": f"Wan2.1 VAE decode, {frames} frames {height}x{width} ({t_lat} latent frames:"

@@ -186,7 +186,8 @@ def test_prompt_to_mp4_quality_in_pixels(magi_release, tmp_path):
     assert q["space"].startswith("pixels") and all("latent_psnr" in m for m in q["methods"].values())
     assert (tmp_path / "q" / "side_by_side" / "magi_fast.mp4").is_file()
     p = cli("benchmark.py", "--config=magi_fast", f"--config.checkpoint={magi_release}", "--config.prompt=a red fox",
-            f"--config.text.cache_dir={tmp_path / 'cache'}", *args[:-1], "--repeats=1", f"--output_dir={tmp_path / 'b'}")
+            f"--config.text.cache_dir={tmp_path / 'cache'}", *args[:-1], "--repeats=1",
+            f"--output_dir={tmp_path / 'b'}")
     assert p.returncode == 0, p.stderr
     b = json.loads((tmp_path / "b" / "benchmark.json").read_text())
     assert b["vs_vanilla"]["space"] == "pixels" and b["decode_s"] > 0

@@ -77,12 +77,12 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def convert_magi1(reader, cfg, dtype=None) -> dict:
+def convert_magi1(reader, cfg, dtype=None, sink=None) -> dict:
     """Upstream state dict -> parameter dict of ``models.magi1`` (adds the timestep frequency table)."""
     from converters.engine import convert
     from models.layers import sinusoid_freqs
     from models.magi1 import param_shapes
 
-    params = convert(reader, RULES, TRANSFORMS, cfg, param_shapes(cfg), cfg.num_layers, dtype)
+    params = convert(reader, RULES, TRANSFORMS, cfg, param_shapes(cfg), cfg.num_layers, dtype, sink)
     params["t_freqs"] = sinusoid_freqs(128)
     return params

@@ -72,9 +72,9 @@ def rules(qkv_bias: bool = True) -> tuple[Rule, ...]:
 RULES: tuple[Rule, ...] = rules(True)
 
 
-def convert_magi1_vae(reader, cfg, dtype=None) -> dict:
+def convert_magi1_vae(reader, cfg, dtype=None, sink=None) -> dict:
     """Upstream ViTVAE state dict -> parameter dict of ``models.magi1_vae`` (CheckpointError lists every misfit)."""
     from converters.engine import convert
     from models.magi1_vae import param_shapes
 
-    return convert(reader, rules(cfg.qkv_bias), TRANSFORMS, cfg, param_shapes(cfg), cfg.depth, dtype)
+    return convert(reader, rules(cfg.qkv_bias), TRANSFORMS, cfg, param_shapes(cfg), cfg.depth, dtype, sink)

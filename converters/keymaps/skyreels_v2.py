@@ -49,13 +49,13 @@ FPS_RULES: tuple[Rule, ...] = (
 )
 
 
-def convert_skyreels(reader, cfg, dtype=None) -> dict:
+def convert_skyreels(reader, cfg, dtype=None, sink=None) -> dict:
     """Upstream WanModel state dict -> parameter dict of ``models.skyreels_v2``."""
     from converters.engine import convert
     from models.skyreels_v2 import param_shapes
 
     rules = RULES + (FPS_RULES if cfg.inject_sample_info else ())
-    return convert(reader, rules, TRANSFORMS, cfg, param_shapes(cfg), cfg.num_layers, dtype)
+    return convert(reader, rules, TRANSFORMS, cfg, param_shapes(cfg), cfg.num_layers, dtype, sink)
 
 
 # The diffusers checkpoint (SkyReelsV2Transformer3DModel) holds the same tensors under other names (spec
@@ -89,7 +89,7 @@ def diffusers_key(src: str) -> str:
     return DIFFUSERS_STEMS.get(src, src)
 
 
-def convert_skyreels_diffusers(reader, cfg, dtype=None) -> dict:
+def convert_skyreels_diffusers(reader, cfg, dtype=None, sink=None) -> dict:
     """A diffusers-format state dict -> the same parameter dict as ``convert_skyreels``."""
     import dataclasses
 
@@ -98,4 +98,4 @@ def convert_skyreels_diffusers(reader, cfg, dtype=None) -> dict:
 
     rules = RULES + (FPS_RULES if cfg.inject_sample_info else ())
     rules = tuple(dataclasses.replace(r, src=diffusers_key(r.src)) for r in rules)
-    return convert(reader, rules, TRANSFORMS, cfg, param_shapes(cfg), cfg.num_layers, dtype)
+    return convert(reader, rules, TRANSFORMS, cfg, param_shapes(cfg), cfg.num_layers, dtype, sink)

@@ -88,6 +88,34 @@ class _EmbeddingReader:
     def keys(self) -> list[str]:
         return self._keys
 
+    def read(self, key: str, dtype) -> np.ndarray:
+        """``__getitem__`` cast while reading, when the underlying reader can (a 4 GB fp32 embedding -> 2 GB)."""
+        if not hasattr(self._reader, "read"):
+            return np.asarray(self[key], dtype=dtype)
+        if key != HF_EMBED:
+            return self._reader.read(key, dtype)
+        if self._alias is not None:
+            return self._reader.read(self._alias, dtype)
+        self._check_tied()
+        return self._reader.read(HF_EMBED, dtype)
+
+    def _check_tied(self) -> None:
+        """Both embedding names present: they must hold the same tensor (compared block of rows by block)."""
+        if not self._both:
+            return
+        r, (a, b) = self._reader, (HF_EMBED, HF_EMBED_TIED)
+        shape_a = tuple(r.shape(a)) if hasattr(r, "shape") else np.shape(r[a])
+        shape_b = tuple(r.shape(b)) if hasattr(r, "shape") else np.shape(r[b])
+        same = shape_a == shape_b
+        if same and hasattr(r, "rows"):
+            same = all(np.array_equal(r.rows(a, i, i + 4096), r.rows(b, i, i + 4096))
+                       for i in range(0, shape_a[0], 4096))
+        elif same:
+            same = _equal_by_rows(np.asarray(r[a]), np.asarray(r[b]))
+        if not same:
+            raise CheckpointError(f"{HF_EMBED} and {HF_EMBED_TIED} differ; an encoder checkpoint holds one "
+                                  "embedding under both names (tied), so this file is inconsistent")
+
     def __getitem__(self, key: str) -> np.ndarray:
         if key != HF_EMBED:
             return self._reader[key]
@@ -110,7 +138,7 @@ def _equal_by_rows(a: np.ndarray, b: np.ndarray, rows: int = 4096) -> bool:
     return all(np.array_equal(a[i:i + rows].view(view), b[i:i + rows].view(view)) for i in range(0, len(a), rows))
 
 
-def convert_t5(reader: Any, cfg: Any, fmt: str = "hf", dtype: Any = None) -> dict:
+def convert_t5(reader: Any, cfg: Any, fmt: str = "hf", dtype: Any = None, sink: Any = None) -> dict:
     """A T5 v1.1 / umT5 encoder state dict -> the parameter dict of ``models.t5``.
 
     ``fmt``: 'hf' (transformers) or 'wan' (alias 'original'); 'auto' picks from the key names. ``dtype``: one
@@ -129,7 +157,7 @@ def convert_t5(reader: Any, cfg: Any, fmt: str = "hf", dtype: Any = None) -> dic
     fmt = FORMATS[fmt]
     src = _EmbeddingReader(reader) if fmt == "hf" else reader
     try:
-        return convert(src, rules(cfg, fmt), TRANSFORMS, cfg, param_shapes(cfg), cfg.num_layers, dtype)
+        return convert(src, rules(cfg, fmt), TRANSFORMS, cfg, param_shapes(cfg), cfg.num_layers, dtype, sink)
     except CheckpointError as e:
         if found is None or found == fmt:
             e.detected_format = found

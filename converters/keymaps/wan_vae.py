@@ -126,7 +126,7 @@ def detect_format(keys: list[str]) -> str | None:
     return None
 
 
-def convert_wan_vae(reader, cfg: WanVAEConfig, fmt: str = "original", dtype=None) -> dict:
+def convert_wan_vae(reader, cfg: WanVAEConfig, fmt: str = "original", dtype=None, sink=None) -> dict:
     """A Wan2.1 VAE state dict (``fmt`` layout) -> the parameter dict of ``models.wan_vae``.
 
     ``dtype``: None keeps the source dtypes, else a dtype or a function of the destination path (engine rule).
@@ -135,4 +135,4 @@ def convert_wan_vae(reader, cfg: WanVAEConfig, fmt: str = "original", dtype=None
     """
     from converters.engine import convert
 
-    return convert(reader, rules(cfg, fmt), TRANSFORMS, cfg, param_shapes(cfg), 0, dtype)
+    return convert(reader, rules(cfg, fmt), TRANSFORMS, cfg, param_shapes(cfg), 0, dtype, sink)
