@@ -169,8 +169,9 @@ def _read_json(path: Path) -> dict:
 class Tokenizer:
     """A T5 tokenizer from its files: ``tokenizer.json`` (``tokenizers``) or ``spiece.model`` (``sentencepiece``).
 
-    Literal special-token strings inside a prompt (``</s>``, ``<extra_id_0>``) are split out as special tokens
-    by the ``tokenizers`` path (as the json says); the ``sentencepiece`` path tokenises them as plain text.
+    Literal special-token strings inside a prompt (``</s>``, ``<pad>``, ``<unk>``, ``<extra_id_0>``) are those
+    tokens, as in the HF tokenizer: the ``tokenizers`` path as its json says, the ``sentencepiece`` path by
+    splitting the text on them.
     """
 
     def __init__(self, encode: Callable[[str], list[int]], eos_id: int, pad_id: int, size: int, source: str):
@@ -240,7 +241,23 @@ class Tokenizer:
             ids[name] = sp.piece_to_id(token)
             if ids[name] == sp.unk_id() and token != sp.id_to_piece(sp.unk_id()):
                 raise ValueError(f"{path} has no {name} piece {token!r}")
-        return cls(lambda t: list(sp.encode(t)), ids["eos"], ids["pad"], sp.get_piece_size() + extra_ids, str(path))
+        size = sp.get_piece_size()
+        special = {sp.id_to_piece(i): i for i in range(size) if sp.is_control(i) or sp.is_unknown(i)}
+        special.update({f"<extra_id_{n}>": size + extra_ids - 1 - n for n in range(extra_ids)})  # reversed, as T5
+        split = re.compile("(" + "|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) + ")")
+
+        def encode(text: str) -> list[int]:
+            # as the HF tokenizer: special-token strings in the text are those tokens; the pieces between them are
+            # encoded on their own (each with sentencepiece's leading-space rule)
+            out: list[int] = []
+            for part in split.split(text):
+                if part in special:
+                    out.append(special[part])
+                elif part:
+                    out.extend(sp.encode(part))
+            return out
+
+        return cls(encode, ids["eos"], ids["pad"], size + extra_ids, str(path))
 
     def __len__(self) -> int:
         return self.size
