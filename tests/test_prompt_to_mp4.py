@@ -60,7 +60,8 @@ def magi_video_args() -> tuple[list[str], int, int]:
     tiling = json.loads((MVAE / "config.json").read_text())["tiling"]
     p = dit["patch_size"]
     side = -(-(tiling["tile_sample_min_height"] // 8 + 1) // p) * p
-    width = max(tiling["tile_sample_min_length"] // 4, dit["t_patch_size"])
+    tp = dit["t_patch_size"]
+    width = -(-max(tiling["tile_sample_min_length"] // 4, 1) // tp) * tp  # one temporal tile, whole time patches
     return ["--config.video.num_chunks=2", f"--config.video.latent_height={side}",
             f"--config.video.latent_width={side}", f"--config.video.chunk_width={width}",
             "--config.sampler.num_steps=8", "--config.policy.warmup=2", "--noprogress"], side, width
