@@ -243,7 +243,7 @@ def format_hint(comp: Component, fmt: str, keys: list[str], flag: str = "--forma
 
 
 def convert_component(name: str, src: str | Path, fmt: str | None = None, config_path: str | None = None,
-                      dtype: str = "keep", allow_pickle: bool = False, format_flag: str = "--format",
+                      dtype: str = "keep", allow_pickle_weights_only: bool = False, format_flag: str = "--format",
                       sink: Callable[[str, np.ndarray], None] | None = None) -> tuple[dict, dict]:
     """(params, meta) of one component; raises CheckpointError with every problem and a --format hint.
 
@@ -256,7 +256,7 @@ def convert_component(name: str, src: str | Path, fmt: str | None = None, config
     if fmt not in comp.formats:
         raise CheckpointError(f"{format_flag}={fmt} does not exist for {name}; use one of {', '.join(comp.formats)}")
     src = Path(src)
-    reader = open_reader(src, allow_pickle)
+    reader = open_reader(src, allow_pickle_weights_only)
     keys = reader.keys()
     try:
         config = comp.read_config(config_path, reader, fmt, src)
@@ -278,14 +278,15 @@ def convert_component(name: str, src: str | Path, fmt: str | None = None, config
 
 
 def convert_into(folder: str | Path, name: str, src: str | Path, fmt: str | None = None,
-                 config_path: str | None = None, dtype: str = "keep", allow_pickle: bool = False,
+                 config_path: str | None = None, dtype: str = "keep", allow_pickle_weights_only: bool = False,
                  format_flag: str = "--format") -> dict:
     """Convert one component straight into ``folder`` (``params/`` + ``model_config.json``), tensor by tensor
     through ``checkpoint.LeafWriter``: the host never holds the model. Returns the metadata."""
     from flowcache_jax.checkpoint import LeafWriter
 
     writer = LeafWriter(folder)
-    params, meta = convert_component(name, src, fmt, config_path, dtype, allow_pickle, format_flag, writer.put)
+    params, meta = convert_component(name, src, fmt, config_path, dtype, allow_pickle_weights_only, format_flag,
+                                     writer.put)
     writer.put_tree(params)
     writer.close(meta)
     return meta

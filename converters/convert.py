@@ -46,14 +46,14 @@ def fail(msg: str) -> None:
 
 
 def convert_to_dir(model: str, src: str | Path, dst: str | Path, config_path: str | None = None,
-                   dtype: str = "keep", overwrite: bool = False, allow_pickle: bool = False,
+                   dtype: str = "keep", overwrite: bool = False, allow_pickle_weights_only: bool = False,
                    fmt: str | None = None) -> Path:
     """The whole conversion; raises CheckpointError / FileExistsError with readable messages."""
     from converters.components import convert_into
     from flowcache_jax import checkpoint
 
     with checkpoint.staged_dir(dst, overwrite) as tmp:  # tensor by tensor into a temporary folder, then renamed
-        convert_into(tmp, model, src, fmt, config_path, dtype, allow_pickle)
+        convert_into(tmp, model, src, fmt, config_path, dtype, allow_pickle_weights_only)
     return Path(dst).resolve()
 
 

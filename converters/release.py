@@ -99,7 +99,7 @@ def convert_release(model: str, dst: str | Path, dit: str, *, dit_config: str | 
                     text_encoder_config: str | None = None, text_encoder_format: str | None = None,
                     tokenizer: str | None = None, vae: str | None = None, vae_config: str | None = None,
                     vae_format: str | None = None, special_tokens: str | None = None, dtype: str = "keep",
-                    overwrite: bool = False, allow_pickle: bool = False, log=print) -> Path:
+                    overwrite: bool = False, allow_pickle_weights_only: bool = False, log=print) -> Path:
     """Convert every given part into ``dst`` (built in a temporary folder, renamed at the end)."""
     from converters.components import convert_into
     from converters.safetensors_io import CheckpointError
@@ -110,7 +110,7 @@ def convert_release(model: str, dst: str | Path, dit: str, *, dit_config: str | 
     fam = FAMILIES[model]
     parts: dict = {}
     with checkpoint.staged_dir(dst, overwrite) as tmp:
-        meta = convert_into(tmp, model, dit, dit_format, dit_config, dtype, allow_pickle, "--dit_format")
+        meta = convert_into(tmp, model, dit, dit_format, dit_config, dtype, allow_pickle_weights_only, "--dit_format")
         caption_channels = meta["model_config"].get("caption_channels", meta["model_config"].get("text_dim", 4096))
         parts["dit"] = {"model": model, "source": meta["source"]}
         log(f"dit: {model} from {dit}")
@@ -118,7 +118,8 @@ def convert_release(model: str, dst: str | Path, dit: str, *, dit_config: str | 
                                          ("vae", vae, vae_config, vae_format)):
             if src is None:
                 continue
-            meta = convert_into(tmp / role, fam[role], src, fmt, cfg_path, dtype, allow_pickle, f"--{role}_format")
+            meta = convert_into(tmp / role, fam[role], src, fmt, cfg_path, dtype, allow_pickle_weights_only,
+                                f"--{role}_format")
             parts[role] = {"model": fam[role], "format": meta["format"], "source": meta["source"]}
             log(f"{role}: {fam[role]} ({meta['format']}) from {src}")
             if role == "text_encoder":
@@ -157,7 +158,8 @@ def main(argv: list[str]) -> None:
             _MODEL.value, _DST.value, _DIT.value, dit_config=_DIT_CONFIG.value, dit_format=_DIT_FORMAT.value,
             text_encoder=_TE.value, text_encoder_config=_TE_CONFIG.value, text_encoder_format=_TE_FORMAT.value,
             tokenizer=_TOK.value, vae=_VAE.value, vae_config=_VAE_CONFIG.value, vae_format=_VAE_FORMAT.value,
-            special_tokens=_SPECIAL.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value, allow_pickle=_PICKLE.value)
+            special_tokens=_SPECIAL.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value,
+            allow_pickle_weights_only=_PICKLE.value)
     except (CheckpointError, ValueError, FileExistsError) as e:
         fail(str(e))
     except (SafetensorError, OSError) as e:

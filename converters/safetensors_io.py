@@ -166,13 +166,13 @@ def _is_pickle(path: Path) -> bool:
         p for ext in PICKLE_SUFFIXES for p in path.glob(f"*{ext}"))
 
 
-def open_reader(path: str | Path, allow_pickle: bool = False):
+def open_reader(path: str | Path, allow_pickle_weights_only: bool = False):
     """The reader of a checkpoint path: safetensors (file, or folder with an index); pickles only when allowed."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if _is_pickle(path):
-        if not allow_pickle:
+        if not allow_pickle_weights_only:
             raise CheckpointError(f"{path} is a pickle-based PyTorch checkpoint; pickles are never loaded "
                                   "implicitly: convert it to .safetensors, or pass --allow_pickle_weights_only "
                                   "(read with torch.load(weights_only=True))")

@@ -100,7 +100,7 @@ def test_text_encoder_pickle_pth_needs_the_flag_and_matches_safetensors(tmp_path
     r = PickleReader(pth)
     assert sorted(r.keys()) == sorted(sd) and {str(r[k].dtype) for k in r.keys()} == {"bfloat16"}
     ref, _ = convert_component("umt5", UMT5 / "weights_wan.safetensors", "original")
-    got, meta = convert_component("umt5", pth, "original", allow_pickle=True)
+    got, meta = convert_component("umt5", pth, "original", allow_pickle_weights_only=True)
     same_tree(jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), ref), got)
     assert meta["source"]["sha256"] and pth.name in meta["source"]["sha256"]
 
@@ -112,7 +112,7 @@ def test_vae_pickle_pth_matches_safetensors(tmp_path):
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, pth)
     cfg = str(WVAE / "config.json")
     ref, _ = convert_component("wan_vae", WVAE / "weights_wan.safetensors", "original", cfg)
-    got, _ = convert_component("wan_vae", pth, "original", cfg, allow_pickle=True)
+    got, _ = convert_component("wan_vae", pth, "original", cfg, allow_pickle_weights_only=True)
     same_tree(ref, got)
 
 
@@ -126,7 +126,7 @@ def test_text_encoder_sharded_pickle_bins_with_index(tmp_path):
     folder = shard(T5 / "weights.safetensors", tmp_path / "t5bin", "pytorch_model.bin.index.json", suffix=".bin",
                    writer=write)
     ref, _ = convert_component("t5", T5 / "weights.safetensors", "hf", str(T5 / "config.json"))
-    got, _ = convert_component("t5", folder, "hf", str(T5 / "config.json"), allow_pickle=True)
+    got, _ = convert_component("t5", folder, "hf", str(T5 / "config.json"), allow_pickle_weights_only=True)
     same_tree(ref, got)
 
 
