@@ -102,9 +102,7 @@ def _t5_config(kind: str):
         if path is not None:
             config = read_json(path, "--model_config")
         elif fmt == "original":
-            shapes = {k: tuple(np.shape(reader[k])) if not hasattr(reader, "shape") else reader.shape(k)
-                      for k in reader.keys()}
-            config = config_from_wan_shapes(shapes)
+            config = config_from_wan_shapes({k: _shape(reader, k) for k in reader.keys()})
         elif _beside(src) is not None:
             config = read_json(_beside(src), "config.json")
         else:
@@ -139,11 +137,10 @@ def _wan_vae_config(path, reader, fmt, src):
     from models.wan_vae import WAN21_VAE, WanVAEConfig
 
     if path is not None:
-        d = read_json(path, "--model_config")
+        full = read_json(path, "--model_config")
         # a fixture-style file holding both kwarg sets: take the one of this layout
-        d = d.get("diffusers_AutoencoderKLWan_kwargs" if fmt == "diffusers" else "wan_WanVAE_kwargs", d)
+        d = full.get("diffusers_AutoencoderKLWan_kwargs" if fmt == "diffusers" else "wan_WanVAE_kwargs", full)
         if fmt == "original" and "latents_mean" not in d:
-            full = read_json(path, "--model_config")
             for a, b in (("tiny_latent_mean", "latents_mean"), ("tiny_latent_std", "latents_std")):
                 if a in full:
                     d = dict(d, **{b: full[a]})

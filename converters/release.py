@@ -57,12 +57,12 @@ def copy_tokenizer(src: str | Path, dst: Path) -> list[str]:
 
     src = Path(src)
     if src.is_file():
-        files = [src] if src.name in ("spiece.model", "tokenizer.json") or src.suffix == ".model" else []
+        files = [src] if src.name == "tokenizer.json" or src.suffix == ".model" else []
     elif src.is_dir():
         files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
     else:
         raise CheckpointError(f"--tokenizer {src} does not exist")
-    if not any(f.name in ("tokenizer.json",) or f.suffix == ".model" for f in files):
+    if not any(f.name == "tokenizer.json" or f.suffix == ".model" for f in files):
         raise CheckpointError(f"--tokenizer {src} has no spiece.model or tokenizer.json")
     dst.mkdir(parents=True, exist_ok=True)
     for f in files:

@@ -88,7 +88,7 @@ class PickleReader:
 
     ``torch.load(weights_only=True, mmap=True)``: the restricted unpickler (no arbitrary code) over a memory
     map, and each tensor becomes numpy only when asked for (bf16 stays bf16), so a 22 GB file is never
-    resident at once. ``prefix`` strips a wrapper prefix; ``entry`` picks a nested state dict (e.g. ``generator_ema``).
+    resident at once. ``entry`` picks a nested state dict (e.g. ``generator_ema``).
     """
 
     def __init__(self, path: str | Path, entry: str | None = None):
@@ -178,8 +178,3 @@ def open_reader(path: str | Path, allow_pickle_weights_only: bool = False):
                                   "(read with torch.load(weights_only=True))")
         return PickleReader(path)
     return SafetensorsReader(path)
-
-
-def load_pytorch_weights_only(path: str | Path) -> PickleReader:
-    """Explicit opt-in reader for ``.pt/.bin`` files (kept for callers of the old name)."""
-    return PickleReader(path)

@@ -89,6 +89,8 @@ def main(argv: list[str]) -> None:
     import dataclasses
     import shutil
 
+    import numpy as np
+
     from experiments.common import fail, format_table
     from models.t5 import UMT5_XXL, T5Config
 
@@ -130,8 +132,6 @@ def main(argv: list[str]) -> None:
         fail(f"the conversion failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
     maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     out_bytes = du(dst / "params")
-    import numpy as np
-
     # the converted tree: bf16 matrices, float32 norms (converters.components' bf16 rule)
     tree_bytes = sum(int(np.prod(s)) * (4 if len(s) == 1 else 2) for s in umt5_tensors(cfg).values())
     gb = 1e9

@@ -151,35 +151,31 @@ def read_clip(path: str, height: int, width: int) -> np.ndarray:
     return frames
 
 
-def video_prefix_latents(path: str, decoder, latent_frames: int, h: int, w: int) -> np.ndarray:
-    """The DiT-scale VAE latents [C, latent_frames, h, w] of the last frames of a clip (MAGI-1 v2v)."""
+def encode_clip(cfg: ml_collections.ConfigDict, decoder) -> tuple[ml_collections.ConfigDict, np.ndarray]:
+    """MAGI-1 v2v: the clip read once and its last ``prefix.chunks`` whole chunks (all of them when 0) encoded
+    once with the VAE -> (cfg with the chunk count, DiT-scale latents [C, chunks * chunk_width, h, w])."""
+    if decoder is None:
+        raise ConfigError(f"prefix.video needs the checkpoint's VAE, and {cfg.checkpoint} has no vae/: convert "
+                          "the release with python -m converters.release ... --vae=<ckpt/vae>")
+    v = cfg.video
     stride, space = decoder.cfg.patch_length, decoder.cfg.patch_size  # the ViT VAE's 4x time, 8x space patches
-    frames = read_clip(path, h * space, w * space)
-    need = latent_frames * stride
-    if frames.shape[0] < need:
-        raise ConfigError(f"prefix.video {path} has {frames.shape[0]} frames; {latent_frames} latent frames "
-                          f"(prefix.chunks x video.chunk_width) need {need}")
-    return decoder.encode_video(frames[-need:])
+    frames = read_clip(cfg.prefix.video, v.latent_height * space, v.latent_width * space)
+    per_chunk = v.chunk_width * stride
+    chunks = cfg.prefix.chunks or frames.shape[0] // per_chunk
+    if chunks < 1 or frames.shape[0] < chunks * per_chunk:
+        raise ConfigError(f"prefix.video {cfg.prefix.video} has {frames.shape[0]} frames; "
+                          f"{max(chunks, 1)} chunk(s) of video.chunk_width={v.chunk_width} latent frames need "
+                          f"{max(chunks, 1) * per_chunk}")
+    if chunks != cfg.prefix.chunks:
+        cfg = ml_collections.ConfigDict(cfg.to_dict())
+        cfg.prefix.chunks = chunks
+    return cfg, decoder.encode_video(frames[-chunks * per_chunk:])
 
 
-def clip_chunks(cfg: ml_collections.ConfigDict) -> int:
-    """Whole chunks a prefix clip holds (prefix.chunks=0 with a prefix.video: use all of them)."""
-    from flowcache_jax import io
-
-    try:
-        frames, _ = io.read_mp4(cfg.prefix.video)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ConfigError(f"prefix.video {cfg.prefix.video} cannot be read as a video ({e})") from e
-    n = frames.shape[0] // 4 // cfg.video.chunk_width
-    if n < 1:
-        raise ConfigError(f"prefix.video {cfg.prefix.video} has {frames.shape[0]} frames, fewer than one chunk "
-                          f"({4 * cfg.video.chunk_width} frames)")
-    return n
-
-
-def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int, decoder=None) -> np.ndarray | None:
+def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int, clip: np.ndarray | None = None
+                ) -> np.ndarray | None:
     """The clean chunks a video continues, [p, C, F, H, W]: a procedural clip of ``seed``, a latent file or a clip
-    encoded with the checkpoint's VAE."""
+    already encoded with the checkpoint's VAE (``clip``, from ``encode_clip``)."""
     p = prefix_chunks(cfg)
     if p == 0:
         return None
@@ -192,10 +188,7 @@ def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int, decoder=None) -
             raise ConfigError(f"prefix.source=procedural gives RGB frames; the model has in_channels={c}")
         lat = np.asarray(to_latent(render(jax.random.PRNGKey(seed), VideoSpec(frames=f, height=h, width=w))))
     elif src == "video":
-        if decoder is None:
-            raise ConfigError(f"prefix.video needs the checkpoint's VAE, and {cfg.checkpoint} has no vae/: convert "
-                              "the release with python -m converters.release ... --vae=<ckpt/vae>")
-        lat = video_prefix_latents(cfg.prefix.video, decoder, p * v.chunk_width, h, w)
+        lat = clip
     elif src == "file":
         path = Path(cfg.prefix.file)
         if not path.is_file() or path.suffix != ".npz":
@@ -239,11 +232,9 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
     from flowcache_jax.sampler import Sampler
     from flowcache_jax.schedules import magi_schedule
 
-    if cfg.prefix.get("video", ""):  # a clip to continue: encoded by the VAE
+    if cfg.prefix.get("video", ""):  # a clip to continue: encoded by the VAE (below, once)
         cfg = ml_collections.ConfigDict(cfg.to_dict())
         cfg.prefix.source = "video"
-        if cfg.prefix.chunks == 0:
-            cfg.prefix.chunks = clip_chunks(cfg)
     validate_magi(cfg)
     s, v = cfg.sampler, cfg.video
     n = v.num_chunks if n_chunks is None else n_chunks
@@ -251,21 +242,24 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
     if v.latent_height % mcfg.patch_size or v.latent_width % mcfg.patch_size or v.chunk_width % mcfg.t_patch_size:
         raise ConfigError(f"video latent size {v.latent_height}x{v.latent_width} must be a multiple of the patch "
                           f"size {mcfg.patch_size} (chunk_width of {mcfg.t_patch_size})")
+    release = open_release(cfg.checkpoint, "magi1")
+    rgb = cfg.get("output", {}).get("decode", "") == "rgb"  # the tiny model: its latents are RGB frames
+    decoder = None if rgb else make_decoder(release)
+    clip = None
+    if cfg.prefix.source == "video":
+        cfg, clip = encode_clip(cfg, decoder)
     den, grid = make_denoiser(cfg, mcfg, n)
     magi = s.semantics == "magi"
-    release = open_release(cfg.checkpoint, "magi1")
     text = None
     cond, caption = load_captions(cfg.caption_file, mcfg, n, params)
     if cfg.get("prompt") is not None:
         cond["y"], cond["mask"], text = prompt_captions(cfg, release, mcfg, n)
         caption = prompt_note(text)
-    rgb = cfg.get("output", {}).get("decode", "") == "rgb"  # the tiny model: its latents are RGB frames
-    decoder = None if rgb else make_decoder(release)
 
     def cond_for(seed: int) -> dict:
         c = dict(cond)
         if prefix_chunks(cfg):
-            c["prefix"] = load_prefix(cfg, mcfg, seed, decoder)
+            c["prefix"] = load_prefix(cfg, mcfg, seed, clip)
         return jax.tree.map(jnp.asarray, c)
 
     try:

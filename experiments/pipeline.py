@@ -199,11 +199,6 @@ def magi_captions(emb: PromptEmbedding, n_chunks: int, special: np.ndarray | Non
     return np.stack(out_y), np.stack(out_m)
 
 
-def wan_context(emb: PromptEmbedding) -> np.ndarray:
-    """Wan / SkyReels context [L, D]: positions past the prompt are zeros (the DiT attends to all of them)."""
-    return np.where(emb.mask[:, None] > 0, emb.hidden, 0.0).astype(np.float32)
-
-
 # ----- VAEs ----------------------------------------------------------------------------------------------------
 def _load_vae(release: Release):
     from flowcache_jax import checkpoint

@@ -206,7 +206,8 @@ def load_contexts(path: str, mcfg) -> tuple[dict, str]:
 
 def prompt_contexts(cfg: ml_collections.ConfigDict, release, mcfg, text_len: int) -> tuple[dict, dict]:
     """umT5 contexts [text_len, D] of the prompt and the negative prompt (pads zeroed, as Wan / SkyReels do)."""
-    from experiments.pipeline import PromptEncoder, wan_context
+    from experiments.pipeline import PromptEncoder
+    from models.t5 import wan_context
 
     enc = PromptEncoder(release, text_len, cfg.text.cache_dir)
     pos, neg = enc(cfg.prompt), enc(cfg.negative_prompt)
@@ -216,7 +217,9 @@ def prompt_contexts(cfg: ml_collections.ConfigDict, release, mcfg, text_len: int
     info = {"prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt, "cleaned": pos.cleaned,
             "tokens": pos.tokens, "max_length": text_len, "truncated": pos.truncated or neg.truncated,
             "cached": pos.cached and neg.cached, "seconds": pos.seconds + neg.seconds}
-    return {"context": jnp.asarray(wan_context(pos)), "negative_context": jnp.asarray(wan_context(neg))}, info
+    ctx = {k: jnp.asarray(wan_context(e.hidden, e.mask), jnp.float32) for k, e in (("context", pos),
+                                                                                  ("negative_context", neg))}
+    return ctx, info
 
 
 def build_skyreels(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
