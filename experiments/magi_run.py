@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments.common import ConfigError, Run, validate_policy
+from experiments.errors import ConfigError
+from experiments.run_spec import Run
+from experiments.validation import validate_policy
 
 CONVERT_HINT = ("convert the released weights first: python -m converters.convert --model=magi1 "
                 "--src=<ckpt>/magi/4.5B_distill/inference_weight.distill --dst=<DIR>, then pass "
@@ -62,20 +64,13 @@ def validate_magi(cfg: ml_collections.ConfigDict) -> None:
 
 
 def load_checkpoint(path: str):
-    from flowcache_jax import checkpoint
+    from experiments.loaded import load_model
     from models.magi1 import Magi1Config
 
-    if not path:
-        raise ConfigError(f"config.checkpoint is empty: {CONVERT_HINT}")
-    try:
-        params, meta = checkpoint.load(path)
-    except checkpoint.CheckpointNotFound as e:
-        raise ConfigError(f"{e}: {CONVERT_HINT}") from e
-    if meta.get("model") != "magi1":
-        raise ConfigError(f"{path} holds a {meta.get('model')!r} checkpoint, not magi1: {CONVERT_HINT}")
+    params, meta = load_model(path, "magi1", CONVERT_HINT)
     layers_bf16 = str(np.asarray(params["layers"]["q"]["kernel"]).dtype) == "bfloat16"
     cfg = Magi1Config.from_upstream(meta["model_config"], "bfloat16" if layers_bf16 else "float32")
-    return cfg, jax.tree.map(jnp.asarray, params)
+    return cfg, params
 
 
 def prompt_captions(cfg: ml_collections.ConfigDict, release, mcfg, n_chunks: int) -> tuple[np.ndarray, np.ndarray,
@@ -276,3 +271,12 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
                       "kv_buffer": f"{den.layout.rows} rows ({'compressed, ' if cfg.kv.compress else ''}"
                                    f"{den.layout.history_chunks} history + {den.window} window chunks)",
                       "duplicate": "discarded" if den.discard_duplicate else "run and blended 0.7/0.3", **notes})
+
+
+def run_flops(run: Run, res) -> dict:
+    """FLOPs of the run's computed chunk passes (``models.magi1_flops``) and of its uncached schedule."""
+    from models.magi1_flops import run_flops as magi_flops
+
+    out = magi_flops(run, res)
+    out["vanilla_pflops"] = magi_flops(run)["total_pflops"]
+    return out

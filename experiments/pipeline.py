@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import loaded
 from experiments.errors import ConfigError
 
 FAMILY = {"magi1": {"text_encoder": "t5", "vae": "magi1_vae", "clean": "magi"},
@@ -129,16 +130,14 @@ class PromptEncoder:
         self._encode = None
 
     def _load(self):
-        from flowcache_jax import checkpoint
         from models.t5 import T5Config, encode
         from models.tokenizer import Tokenizer
 
         self._tokenizer = Tokenizer.from_path(self.release.tokenizer)
-        params, meta = checkpoint.load(self.release.text_encoder)
+        params, meta = loaded.load(self.release.text_encoder)
         cfg = T5Config.from_hf(meta["model_config"])
         if meta.get("dtype") == "bf16":
             cfg = dataclasses.replace(cfg, dtype="bfloat16")
-        params = jax.tree.map(jnp.asarray, params)
         fn = jax.jit(lambda p, ids, mask: encode(cfg, p, ids, mask))
         self._encode = lambda ids, mask: fn(params, ids, mask)
 
@@ -201,10 +200,7 @@ def magi_captions(emb: PromptEmbedding, n_chunks: int, special: np.ndarray | Non
 
 # ----- VAEs ----------------------------------------------------------------------------------------------------
 def _load_vae(release: Release):
-    from flowcache_jax import checkpoint
-
-    params, meta = checkpoint.load(release.vae)
-    return jax.tree.map(jnp.asarray, params), meta
+    return loaded.load(release.vae)
 
 
 class ChunkDecoder:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +32,7 @@ _LPIPS = flags.DEFINE_string("lpips_weights", None, "LPIPS (AlexNet) weights as 
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the threshold sweep and draw the Pareto plot.")
 _POINTS = flags.DEFINE_integer("sweep_points", 6, "Thresholds per policy in the sweep (evenly taken from SWEEPS).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
-SWEEPS = {  # thresholds per policy for the Pareto curves (each point compiles its own sampler)
+SWEEPS = {  # thresholds per policy for the Pareto curves (runtime knobs: one compilation per policy, not per point)
     "flowcache": [0.01, 0.02, 0.05, 0.1, 0.2, 0.4],
     "teacache": [0.005, 0.01, 0.02, 0.05, 0.1, 0.2],
     "first_block": [0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
@@ -60,12 +61,46 @@ def load_config(name: str, overrides: list[str]) -> ml_collections.ConfigDict:
     return cfg
 
 
+KNOBS = ("threshold", "warmup", "coeffs", "ratios", "max_skips")  # runtime: shared by the runs of one rule
+
+
+class RunPool:
+    """One built run per rule and model setup: the methods and sweep points of a policy differ only in knobs,
+    so they share its sampler, i.e. one compiled stage function, and the checkpoint is loaded once."""
+
+    def __init__(self):
+        self.runs: dict[str, common.Run] = {}
+
+    @staticmethod
+    def key(cfg: ml_collections.ConfigDict) -> str:
+        import json
+
+        d = cfg.to_dict()
+        pol = d.get("policy", {})
+        shapes = {k: len(pol.get(k) or ()) for k in ("coeffs", "ratios")}  # coefficient counts fix the structure
+        d["policy"] = {**{k: v for k, v in pol.items() if k not in KNOBS}, **shapes}
+        d.pop("seed", None)
+        d.pop("name", None)
+        return json.dumps(d, sort_keys=True, default=str)
+
+    def get(self, cfg: ml_collections.ConfigDict) -> common.Run:
+        k = self.key(cfg)
+        if k not in self.runs:
+            self.runs[k] = common.build(cfg)
+        return self.runs[k].with_knobs(cfg)
+
+    @property
+    def compiles(self) -> int:
+        """Stage-function compilations of every run built here (the whole process's, as everything runs here)."""
+        return sum(r.compiles for r in self.runs.values())
+
+
 class Evaluator:
     """Runs configs on the family's seeds and scores them against the uncached run of the same seed."""
 
-    def __init__(self, vanilla_cfg: ml_collections.ConfigDict, seeds: list[int], lpips=None):
-        self.seeds, self.lpips = seeds, lpips
-        self.ref_run = common.build(vanilla_cfg)
+    def __init__(self, vanilla_cfg: ml_collections.ConfigDict, seeds: list[int], pool: RunPool, lpips=None):
+        self.seeds, self.lpips, self.pool = seeds, lpips, pool
+        self.ref_run = pool.get(vanilla_cfg)
         self.refs = {s: self.run(self.ref_run, s) for s in seeds}
 
     @staticmethod
@@ -154,6 +189,7 @@ def main(argv: list[str]) -> None:
     import jax
     from tqdm.auto import tqdm
 
+    from experiments import loaded
     from flowcache_jax import io
 
     fam = _FAMILY.value
@@ -177,16 +213,19 @@ def main(argv: list[str]) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise common.ConfigError(str(e)) from e
     cfgs = {n: load_config(n, _OVERRIDE.value) for n in names}
-    ev = Evaluator(cfgs[f"{fam}_vanilla"], seeds, lpips)
+    pool = RunPool()
+    t_start = time.perf_counter()
+    ev = Evaluator(cfgs[f"{fam}_vanilla"], seeds, pool, lpips)
     base = cfgs[f"{fam}_vanilla"]
     ratios = None
-    if any(c.policy.name == "magcache" for c in cfgs.values()) or _SWEEP.value:  # one calibration for all
-        ratios = common.calibrate(common.with_policy(base, "magcache"), seed_offset=1000).policy.ratios
+    calibrated = base.policy.get("metric", "input") != "timestep"  # MagCache needs a chunk schedule
+    if calibrated and (any(c.policy.name == "magcache" for c in cfgs.values()) or _SWEEP.value):  # one for all
+        ratios = common.calibrate(common.with_policy(base, "magcache"), seed_offset=1000, make=pool.get).policy.ratios
     for c in cfgs.values():
         if c.policy.name == "magcache" and not tuple(c.policy.ratios):
             c.policy.ratios = ratios
 
-    runs = {n: (ev.ref_run if n == f"{fam}_vanilla" else common.build(c)) for n, c in cfgs.items()}
+    runs = {n: (ev.ref_run if n == f"{fam}_vanilla" else pool.get(c)) for n, c in cfgs.items()}
     methods, results = {}, {}
     for n in tqdm(runs, desc="methods", disable=not _PROGRESS.value):
         m, results[n] = ev.score(runs[n])
@@ -197,18 +236,24 @@ def main(argv: list[str]) -> None:
         methods[n]["speedup_wall"] = med[f"{fam}_vanilla"] / med[n]
         methods[n]["wall_over_ideal"] = methods[n]["speedup_wall"] / methods[n]["speedup_ideal"]
 
-    sweep = []
+    sweep, t_sweep = [], 0.0
     if _SWEEP.value:
+        t0 = time.perf_counter()
         if _POINTS.value < 2:
             raise common.ConfigError(f"--sweep_points must be >= 2 (a curve), got {_POINTS.value}")
         pick = lambda ts: [ts[i] for i in sorted(set(np.linspace(0, len(ts) - 1, _POINTS.value).round().astype(int)))]
-        points = [(p, t) for p, ts in SWEEPS.items() for t in pick(ts)]
+        from flowcache_jax.policies import TIMESTEP_POLICIES
+
+        # rules on the timestep metric (SkyReels) exist for FlowCache and TeaCache only
+        rules = [p for p in SWEEPS if base.policy.get("metric", "input") != "timestep" or p in TIMESTEP_POLICIES]
+        points = [(p, t) for p in rules for t in pick(SWEEPS[p])]
         for pol, thr in tqdm(points, desc="sweep", disable=not _PROGRESS.value):
             c = common.with_policy(base, pol, thr)
             if pol == "magcache":
                 c.policy.ratios = ratios
-            m, _ = ev.score(common.build(c))
+            m, _ = ev.score(pool.get(c))
             sweep.append({"policy": pol, "threshold": thr, **m})
+        t_sweep = time.perf_counter() - t0
         pareto_plot(sweep, methods, out / "pareto.png")
 
     ref_run, s0 = ev.ref_run, seeds[0]
@@ -231,7 +276,9 @@ def main(argv: list[str]) -> None:
               "magcache_ratios": list(ratios) if ratios else None,
               "flowcache_vs_teacache": compare_curves(sweep, "flowcache", "teacache") if sweep else None,
               "space": "pixels (decoded by the VAE)" if ev.refs[s0][1] is not None else "latents",
-              "device": str(jax.devices()[0]).strip()}
+              "device": str(jax.devices()[0]).strip(),
+              "compiles": pool.compiles, "thresholds": len(sweep), "builds": len(pool.runs),
+              "checkpoint_loads": loaded.loads(), "sweep_s": t_sweep, "total_s": time.perf_counter() - t_start}
     io.write_json(out / "quality.json", report)
 
     cols = ["method", "policy", "threshold", "speedup_ideal", "speedup_wall", "psnr", "ssim"]
@@ -246,6 +293,8 @@ def main(argv: list[str]) -> None:
             print(f"\nFlowCache vs TeaCache at equal ideal speedup ({cmp['common_range'][0]:.2f}-"
                   f"{cmp['common_range'][1]:.2f}x): PSNR gain mean {cmp['mean_psnr_gain_db']:+.2f} dB, "
                   f"min {cmp['min_psnr_gain_db']:+.2f} dB, higher on {100 * cmp['fraction_higher']:.0f}% of the range")
+    print(f"{report['compiles']} stage-function compilations for {len(pool.runs)} rules x setups; "
+          f"{len(sweep)} sweep points in {t_sweep:.1f} s; {report['checkpoint_loads']} checkpoint folders read")
     print(f"wrote {out / 'quality.json'}" + (f", {out / 'pareto.png'}" if sweep else "")
           + f", {out / 'side_by_side'}/")
 

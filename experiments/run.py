@@ -26,7 +26,7 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 def main(argv: list[str]) -> None:
     del argv
 
-    from flowcache_jax import flops, io, metrics
+    from flowcache_jax import io, metrics
 
     cfg = _CONFIG.value
     out = Path(_OUT.value or f"outputs/{cfg.name}")
@@ -36,26 +36,15 @@ def main(argv: list[str]) -> None:
     with timer("load"):
         run = common.build(cfg)
     res, frames = run.sample(progress=_PROGRESS.value)
-    if cfg.model == "magi1":
-        from models.magi1_flops import run_flops
-
-        run_fl = run_flops(run, res)
-        run_fl["vanilla_pflops"] = run_flops(run)["total_pflops"]
-    elif cfg.model == "skyreels_v2":
-        from experiments.skyreels_run import run_flops as sky_run_flops
-
-        run_fl = sky_run_flops(run, res)
-    else:
-        per_fwd = flops.chunk_forward_flops(run.denoiser, run.params, run.cond, cfg.batch, run.table.window)
-        run_fl = flops.flops_report(per_fwd, res.computed, res.chunk_forwards_vanilla,
-                                    run.denoiser.forward_flops(cfg.batch))
+    run_fl = common.run_flops(run, res)
     results = {
         "config_name": cfg.name, "policy": cfg.policy.name, "threshold": cfg.policy.threshold,
         "num_chunks": run.table.n_chunks, "num_steps": run.table.num_steps,
         "chunk_forwards_vanilla": res.chunk_forwards_vanilla, "chunk_forwards_computed": res.computed,
         "computed_fraction": res.computed_fraction, "speedup_ideal": res.speedup_ideal,
         "wall_s": {"load": timer.seconds["load"], **res.wall, **common.pipeline_times(run)},
-        "compiles": res.traces, "text": run.text, "decoded": frames is not None,
+        "compiles": res.traces, "structure_skipped": res.structure_skipped, "cache_skipped": res.cache_skipped,
+        "text": run.text, "decoded": frames is not None,
         "flops": run_fl, "notes": run.notes,
         "decisions": res.decisions, "decision_chunks": res.chunk, "config": cfg.to_dict(),
     }

@@ -22,6 +22,8 @@ class SlotInfo(NamedTuple):
     dt: jax.Array  # float32 Euler step of this update
     position: jax.Array  # int32 place in the window, 0 = oldest chunk
     window_end: jax.Array  # int32 one past the newest chunk of the window (MAGI's duplicate sits there)
+    step: jax.Array | None = None  # int32 steps of the run so far (e.g. which per-step noise a prefix gets)
+    branch: int = 0  # static: the CFG branch of this call (``branches`` > 1: 0 = prompt, 1 = negative prompt)
 
 
 class ChunkOutput(NamedTuple):
@@ -56,3 +58,9 @@ class Denoiser(Protocol):
     # Optional: ``prefix_chunks > 0`` with ``prepare_kv(params, cond, kv) -> kv``: clean chunks a video continues,
     # encoded once before the first step (no call, and no copy of the buffer, when there is no prefix).
     # Optional: ``probe_features(params, cond, x, info, kv)`` and ``probe_cost``: FirstBlockCache's metric.
+    # Optional: ``branches > 1`` (classifier-free guidance) with ``combine(params, cond, velocities) -> velocity``;
+    # each branch is its own forward (``info.branch``) with its own cache, skipped or not on its own.
+    # Optional: ``forward_window(params, cond, x [W, B, ...], infos, kv) -> (velocity, residual, kv)`` per position:
+    # the whole window as one model call (the sampler's ``joint`` execution).
+    # Optional: ``timestep_features(params, cond, table) -> dict`` of host arrays for rules that read only the
+    # timesteps (their decisions are made on the host before the run).

@@ -1,10 +1,17 @@
-"""The AR sampler: a Python loop over stages, one compiled function per run.
+"""The one AR sampler: a Python loop over stages, one compiled stage function per shape, for every model.
 
-``stage_fn(params, cond, state, tables[stage]) -> (state, per-step records)`` scans over the stage's
-steps; inside a step, the policy decides for all window positions at once (cheap arithmetic), then a
-``lax.scan`` over positions (oldest first) runs an *un-batched* ``lax.cond`` per chunk: the compute
-branch is one chunk forward, the reuse branch replays the cache. Nothing is vmapped around the cond,
-so a reused chunk really skips its forward.
+``stage_fn(params, cond, state, tables[stage], noise, knobs) -> (state, per-step records)`` scans over the
+stage's steps; inside a step the policy decides for all window positions at once (cheap arithmetic, or a
+decision table made on the host for rules that read only the timesteps), then either
+
+- per position (oldest first, a ``lax.scan``) an *un-batched* ``lax.cond`` per chunk and CFG branch: the
+  compute branch is one chunk forward over the model's KV structure, the reuse branch replays the cache; or
+- ``joint``: one forward of the whole window per branch under one ``lax.cond`` (SkyReels' whole-window DiT
+  call, full or block-causal attention), reused as a whole.
+
+Then the solver slot (Euler, or FlowUniPC with a state per chunk) advances the chunks being updated.
+Nothing is vmapped around a cond, so a reused chunk really skips its forward. Policy knobs (threshold,
+warm-up, coefficients), the solver's grid and the schedule are arguments: a sweep compiles once.
 """
 
 from __future__ import annotations
@@ -19,22 +26,25 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flowcache_jax.denoiser import Denoiser, SlotInfo
-from flowcache_jax.policies import Policy, StepInfo
-from flowcache_jax.policies.base import NEW
+from flowcache_jax.policies import Decision, Policy, StepInfo
+from flowcache_jax.policies.base import NEW, structure
 from flowcache_jax.schedules import ScheduleTable
-from flowcache_jax.solvers import euler_step
+from flowcache_jax.solvers import Euler
 from flowcache_jax.state import SamplerState, init_state
 
 REUSE_MODES = ("displacement", "residual")
 METRIC_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_STEP_KEYS = ("chunk", "k", "t", "dt", "active", "step_valid", "global_first", "global_last")
+_STEP_KEYS = ("chunk", "k", "t", "dt", "active", "refresh", "plan", "plan_reason", "step_valid", "global_first",
+              "global_last")
+_REC_NAN = ("rel", "update_l1", "acc_before", "acc", "diff_l1", "prev_l1", "velocity_l1")
 
 
 @dataclasses.dataclass
 class RunResult:
     video: np.ndarray  # [B, n_chunks, *chunk_shape], final latents
-    decisions: np.ndarray  # int8 [steps, W]: 1 computed, 0 reused, -1 empty (positions oldest first)
-    chunk: np.ndarray  # int32 [steps, W]: chunk id at each position, -1 empty
+    decisions: np.ndarray  # int8 [steps * branches, W]: 1 computed, 0 reused, -1 not run (oldest first); one
+    #                        row per model call: step-major, CFG branch-minor (one branch: one row per step)
+    chunk: np.ndarray  # int32 [steps * branches, W]: chunk id at each position of each call, -1 where not run
     rel: np.ndarray  # float32 [steps, W]: raw rel-L1 of the metric features (nan if no previous)
     update_l1: np.ndarray  # float32 [steps, W]: mean|x_new - x| / mean|x|, Theorem 1's L1_rel
     acc_before: np.ndarray  # float32 [steps, W]: the chunk's accumulator before the decision
@@ -43,14 +53,19 @@ class RunResult:
     diff_l1: np.ndarray  # float32 [steps, W]: mean |feat - prev_feat| (nan if no previous)
     prev_l1: np.ndarray  # float32 [steps, W]: mean |prev_feat|
     velocity_l1: np.ndarray  # float32 [steps, W]: mean |x_new - x| / |dt| (MagCache's calibration input)
-    computed: int  # chunk forwards run
-    chunk_forwards_vanilla: int
+    computed: int  # chunk forwards run (each CFG branch counts)
+    chunk_forwards_vanilla: int  # chunk forwards of the uncached run: every held chunk, every branch, every step
     wall: dict[str, float]  # compile / denoise seconds
     traces: int  # times the stage function was traced (compiled) by this sampler
     stage_latents: np.ndarray | None = None  # [stages, B, n_chunks, ...]: every chunk after each stage
     stage_reports: list | None = None  # per stage, the denoiser's ``report(kv)`` (e.g. compression events)
     probes: int = 0  # first-block probes run (FirstBlockCache), each ``probe_cost`` of a chunk forward
     probe_cost: float = 0.0
+    branches: int = 1
+    structure_skipped: int = 0  # forwards the executor's structure skips exactly (finished / not-started chunks)
+    plan_records: dict | None = None  # a host policy's own per-call records (parity with its reference)
+    plan_state: Any = None  # a host policy's state after the run (carried into the next DF window)
+    windows: list | None = None  # a windowed (long DF) run: the result of each window
 
     @property
     def computed_fraction(self) -> float:
@@ -60,6 +75,11 @@ class RunResult:
     def speedup_ideal(self) -> float:
         """Vanilla chunk forwards over the forwards run, probes counted at their share of a forward."""
         return self.chunk_forwards_vanilla / max(self.computed + self.probes * self.probe_cost, 1e-12)
+
+    @property
+    def cache_skipped(self) -> int:
+        """Forwards the policy's reuse skipped (the rest of the saving is the structure's)."""
+        return self.chunk_forwards_vanilla - self.structure_skipped - self.computed
 
 
 def _take(a: jax.Array, i: jax.Array) -> jax.Array:
@@ -74,68 +94,97 @@ def _mean_abs(x: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(x).reshape(x.shape[0], -1).astype(jnp.float32), axis=1)
 
 
+def _tree_where(c: jax.Array, a: Any, b: Any) -> Any:
+    return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
+
+
 class Sampler:
-    """Binds a denoiser, a policy and a window; compiles the stage function once."""
+    """Binds a denoiser, a policy, a solver and a window; compiles the stage function once per shape."""
 
     def __init__(self, denoiser: Denoiser, policy: Policy, window: int, batch: int = 1,
-                 reuse: str = "displacement", metric_dtype: str = "float32", reencode_clean: bool = False):
+                 reuse: str = "displacement", metric_dtype: str = "float32", reencode_clean: bool = False,
+                 solver: Any = None, joint: bool = False):
         if reuse not in REUSE_MODES:
             raise ValueError(f"reuse must be one of {REUSE_MODES}, got {reuse!r}")
         if metric_dtype not in METRIC_DTYPES:
             raise ValueError(f"metric_dtype must be one of {tuple(METRIC_DTYPES)}, got {metric_dtype!r}")
         self.denoiser, self.policy, self.window, self.batch = denoiser, policy, window, batch
-        self.features = getattr(policy, "features", "input")  # "input" metric or a "first_block" probe
+        self.solver = Euler() if solver is None else solver
+        self.branches = int(getattr(denoiser, "branches", 1))
+        self.host = bool(getattr(policy, "host", False))  # decisions from a table made on the host
+        self.features = "none" if self.host else getattr(policy, "features", "input")
         self.anchor = getattr(policy, "anchor", "previous")  # compare with the previous or last computed step
+        self.joint = joint
         if self.features == "first_block" and not hasattr(denoiser, "probe_features"):
             raise ValueError(f"policy {policy.name!r} probes the first block, which {type(denoiser).__name__} "
                              "does not have (use a transformer model such as MAGI-1)")
         if reencode_clean and not hasattr(denoiser, "encode_clean"):
             raise ValueError(f"{type(denoiser).__name__} has no encode_clean; set reencode_clean=False")
+        if reuse == "displacement" and not self.solver.stateless:
+            raise ValueError("a multistep solver needs reuse='residual' (a replayed displacement would skip its "
+                             "state update)")
+        if joint and (not hasattr(denoiser, "forward_window") or reuse != "residual"):
+            raise ValueError(f"joint execution needs reuse='residual' and a denoiser with forward_window "
+                             f"({type(denoiser).__name__})")
+        if self.host and not hasattr(denoiser, "timestep_features"):
+            raise ValueError(f"policy {policy.name!r} reads the model's timestep features, which "
+                             f"{type(denoiser).__name__} does not give")
         self.reuse, self.metric_dtype, self.reencode_clean = reuse, METRIC_DTYPES[metric_dtype], reencode_clean
         self.traces = 0
+        self.compile_seconds = 0.0
         self._compiled: dict[tuple[int, int], Any] = {}  # per (steps per stage, window): one executable
         self._noise = jax.jit(lambda k: denoiser.sample_noise(k, batch))
         self._prepare = None
 
     # ----- state -------------------------------------------------------------------------------
     def init_state(self, params: Any, cond: Any) -> SamplerState:
-        d, b = self.denoiser, self.batch
+        d, b, w = self.denoiser, self.batch, self.window
         latent = jax.ShapeDtypeStruct((b, *d.chunk_shape), jnp.float32)
         t = jax.ShapeDtypeStruct((), jnp.float32)
-        types = (jnp.int32, jnp.int32, jnp.float32, jnp.float32, jnp.int32, jnp.int32)
+        types = (jnp.int32, jnp.int32, jnp.float32, jnp.float32, jnp.int32, jnp.int32, jnp.int32)
         info = SlotInfo(*(jax.ShapeDtypeStruct((), dt) for dt in types))
+
+        def static_branch(fn):  # the branch is a Python int, not an abstract leaf
+            return lambda p, c, x, i, kv: fn(p, c, x, i._replace(branch=0), kv)
+
         if self.features == "first_block":
-            feat = jax.eval_shape(d.probe_features, params, cond, latent, info, d.init_kv(b, self.window))
+            feat = jax.eval_shape(static_branch(d.probe_features), params, cond, latent, info, d.init_kv(b, w))
+        elif self.features == "none":
+            feat = jax.ShapeDtypeStruct((b, 1), jnp.float32)
         else:
             feat = jax.eval_shape(d.metric_features, params, latent, t)
         feat = jax.ShapeDtypeStruct(feat.shape, self.metric_dtype)
         if self.reuse == "displacement":
             cache = latent
         else:
-            out, _ = jax.eval_shape(d.forward_chunk, params, cond, latent, info, d.init_kv(b, self.window))
-            cache = out.residual
-        return init_state(latent, feat, cache, self.window, d.init_kv(b, self.window),
-                          self.policy.init_global())
+            if self.joint:  # the residual of one position of a whole-window call
+                xs = jax.ShapeDtypeStruct((w, *latent.shape), latent.dtype)
+                infos = SlotInfo(*(jax.ShapeDtypeStruct((w,), dt) for dt in types[:6]),
+                                 jax.ShapeDtypeStruct((), jnp.int32))
+                _, res, _ = jax.eval_shape(lambda p, c, x, i, kv: d.forward_window(p, c, x, i._replace(branch=0), kv),
+                                           params, cond, xs, infos, d.init_kv(b, w))
+                res = jax.ShapeDtypeStruct(res.shape[1:], res.dtype)
+            else:
+                out, _ = jax.eval_shape(static_branch(d.forward_chunk), params, cond, latent, info, d.init_kv(b, w))
+                res = out.residual
+            cache = jax.ShapeDtypeStruct((self.branches, *res.shape), res.dtype)
+        solver = jax.tree.map(lambda a: jnp.zeros((w, *a.shape), a.dtype), self.solver.chunk_state(latent))
+        return init_state(latent, feat, cache, w, d.init_kv(b, w), self.policy.init_global(), solver)
 
     # ----- one step ----------------------------------------------------------------------------
-    def _step(self, params: Any, cond: Any, state: SamplerState, row: dict) -> tuple[SamplerState, dict]:
-        d, w = self.denoiser, self.window
-        active, chunk = row["active"], row["chunk"]
-        ring = jnp.where(active, chunk % w, 0)
-        ring_drop = jnp.where(active, chunk % w, w)  # out of range -> scatter dropped
-        x = state.latents[ring]
-        window_end = jnp.max(jnp.where(active, chunk, -1)) + 1
-
-        def slot_info(j):
-            return SlotInfo(chunk=chunk[j], k=row["k"][j], t=row["t"][j], dt=row["dt"][j], position=j,
-                            window_end=window_end)
-
+    def _decide(self, params: Any, cond: Any, state: SamplerState, row: dict, x: jax.Array, ring: jax.Array,
+                info_of: Any, knobs: dict) -> tuple[Decision, jax.Array, StepInfo, jax.Array, jax.Array]:
+        """(decision, features, step info, probes run, acc before) of the step's positions."""
+        d, w, active = self.denoiser, self.window, row["active"]
         if self.features == "first_block":  # one block per active chunk, un-batched cond: inactive ones cost nothing
             zeros = jnp.zeros(state.prev_feat.shape[1:], self.metric_dtype)
             feats = jax.lax.map(lambda j: jax.lax.cond(
-                active[j], lambda: d.probe_features(params, cond, x[j], slot_info(j), state.kv).astype(zeros.dtype),
+                active[j], lambda: d.probe_features(params, cond, x[j], info_of(j, 0), state.kv).astype(zeros.dtype),
                 lambda: zeros), jnp.arange(w))
             probed = jnp.sum(active.astype(jnp.int32))
+        elif self.features == "none":
+            feats = jnp.zeros(state.prev_feat.shape, self.metric_dtype)
+            probed = jnp.zeros((), jnp.int32)
         else:
             feats = jax.vmap(lambda xi, ti: d.metric_features(params, xi, ti))(x, row["t"]).astype(self.metric_dtype)
             probed = jnp.zeros((), jnp.int32)
@@ -145,63 +194,186 @@ class Sampler:
                         prev_l1=_mean_abs(prev), global_first=row["global_first"],
                         global_last=row["global_last"], step=state.step)
         acc_before = state.acc[ring]
-        dec = self.policy.decide(acc_before, state.glob, info)
+        if self.host:  # the table's decision; the host rule's accumulators are in its own records
+            dec = Decision(compute=active, acc=acc_before, glob=state.glob, reason=row["plan_reason"])
+        else:
+            dec = self.policy.decide(acc_before, state.glob, info, knobs["policy"])
+        return dec, feats, info, probed, acc_before
+
+    def _step(self, params: Any, cond: Any, state: SamplerState, row: dict, knobs: dict
+              ) -> tuple[SamplerState, dict]:
+        w, nb = self.window, self.branches
+        active, chunk, refresh = row["active"], row["chunk"], row["refresh"]
+        held = chunk >= 0
+        ring = jnp.where(held, chunk % w, 0)
+        ring_drop = jnp.where(active, chunk % w, w)  # out of range -> scatter dropped
+        x = state.latents[ring]
+        window_end = jnp.max(jnp.where(held, chunk, -1)) + 1
+
+        def info_of(j, b):
+            return SlotInfo(chunk=chunk[j], k=row["k"][j], t=row["t"][j], dt=row["dt"][j], position=j,
+                            window_end=window_end, step=state.step, branch=b)
+
+        dec, feats, info, probed, acc_before = self._decide(params, cond, state, row, x, ring, info_of, knobs)
         empty = active & ~state.has_cache[ring]  # never reuse an empty cache: compute, as a new chunk
         compute = dec.compute | empty
         dec = dec._replace(acc=jnp.where(empty & ~dec.compute, 0.0, dec.acc),
                            reason=jnp.where(empty & ~dec.compute, jnp.int8(NEW), dec.reason))
-
-        def position(carry, j):
-            def run(carry):
-                latents, cache, has_cache, kv, n = carry
-                r = ring[j]
-                xj, cj = _take(latents, r), _take(cache, r)
-                slot = slot_info(j)
-
-                def forward(kv):
-                    out, kv = d.forward_chunk(params, cond, xj, slot, kv)
-                    x_new = euler_step(xj, out.velocity, slot.dt)
-                    c_new = x_new - xj if self.reuse == "displacement" else out.residual
-                    return x_new, c_new.astype(cj.dtype), kv, jnp.ones((), jnp.int32)
-
-                def replay(kv):
-                    if self.reuse == "displacement":
-                        x_new = xj + cj
-                    else:
-                        v = d.velocity_from_residual(params, cond, xj, slot, cj)
-                        x_new = euler_step(xj, v, slot.dt)
-                    return x_new, cj, kv, jnp.zeros((), jnp.int32)
-
-                x_new, c_new, kv, ran = jax.lax.cond(compute[j], forward, replay, kv)
-                step_l1 = jnp.mean(jnp.abs(x_new - xj))
-                upd = step_l1 / jnp.maximum(jnp.mean(jnp.abs(xj)), 1e-30)
-                vel = jnp.where(slot.dt != 0, step_l1 / jnp.abs(jnp.where(slot.dt != 0, slot.dt, 1.0)), jnp.nan)
-                carry = (_put(latents, r, x_new), _put(cache, r, c_new),
-                         has_cache.at[r].set(has_cache[r] | (ran > 0)), kv, n + ran)
-                return carry, (upd, vel.astype(jnp.float32))
-
-            nan = jnp.float32(jnp.nan)
-            return jax.lax.cond(active[j], run, lambda c: (c, (nan, nan)), carry)
-
-        carry = (state.latents, state.cache, state.has_cache, state.kv, state.computed)
-        (latents, cache, has_cache, kv, computed), (upd, vel_l1) = jax.lax.scan(position, carry, jnp.arange(w))
+        # per CFG branch: the policy's decision, restricted by a host table, plus K/V-only refreshes
+        per_branch = (compute[None, :] & (row["plan"] | empty[None, :])) | refresh[None, :]
+        run_pos = active | refresh
+        consts = knobs["solver"]
+        if self.joint:
+            state, ran, upd, vel_l1 = self._joint(params, cond, state, row, x, ring, held, per_branch, consts)
+            calls = jnp.where(held[None, :], ran[:, None].astype(jnp.int8), jnp.int8(-1))
+        else:
+            state, ran, upd, vel_l1 = self._positions(params, cond, state, row, ring, run_pos, per_branch, info_of,
+                                                      consts)
+            calls = jnp.where(run_pos[None, :], ran.astype(jnp.int8), jnp.int8(-1))
         # The metric's anchor: every step's features, or (FirstBlockCache) those of the last computed step.
         keep_feat = active & (compute if self.anchor == "computed" else True)
         state = state.replace(
-            latents=latents, cache=cache, has_cache=has_cache, kv=kv, computed=computed, glob=dec.glob,
-            acc=state.acc.at[ring_drop].set(dec.acc, mode="drop"),
+            glob=dec.glob, acc=state.acc.at[ring_drop].set(dec.acc, mode="drop"),
             prev_feat=state.prev_feat.at[jnp.where(keep_feat, ring, w)].set(feats, mode="drop"),
             prev_present=jnp.zeros_like(state.prev_present).at[ring_drop].set(True, mode="drop"),
-            probed=state.probed + probed, step=state.step + 1)
-        rel = jnp.where(present, info.diff_l1 / (info.prev_l1 + 1e-8), jnp.nan)
+            probed=state.probed + probed, step=state.step + 1,
+            skipped=state.skipped + nb * jnp.sum((held & ~(run_pos | self.joint)).astype(jnp.int32)))
+        rel = jnp.where(info.present, info.diff_l1 / (info.prev_l1 + 1e-8), jnp.nan)
         nan = jnp.float32(jnp.nan)
-        rec = {"decisions": jnp.where(active, compute.astype(jnp.int8), jnp.int8(-1)),
-               "chunk": jnp.where(active, chunk, -1), "rel": rel, "update_l1": upd,
+        shown = calls >= 0
+        rec = {"decisions": calls, "chunk": jnp.where(shown, chunk[None, :], -1), "rel": rel, "update_l1": upd,
                "acc_before": jnp.where(active, acc_before, nan), "acc": jnp.where(active, dec.acc, nan),
                "reason": jnp.where(active, dec.reason, jnp.int8(-1)).astype(jnp.int8),
-               "diff_l1": jnp.where(present, info.diff_l1, nan), "prev_l1": jnp.where(present, info.prev_l1, nan),
-               "velocity_l1": vel_l1}
+               "diff_l1": jnp.where(info.present, info.diff_l1, nan),
+               "prev_l1": jnp.where(info.present, info.prev_l1, nan), "velocity_l1": vel_l1}
         return state, rec
+
+    def _advance(self, xj: jax.Array, v: jax.Array, st: Any, slot: SlotInfo, consts: dict, update: jax.Array
+                 ) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+        """The solver's step for a chunk being updated (others keep latent and solver state) and its records."""
+        x_new, st_new = self.solver.update(st, xj, v, slot.dt, consts)
+        x_new, st_new = jnp.where(update, x_new, xj), _tree_where(update, st_new, st)
+        return x_new, st_new, *self._update_records(xj, x_new, slot.dt, update)
+
+    @staticmethod
+    def _update_records(xj, x_new, dt, update):
+        step_l1 = jnp.mean(jnp.abs(x_new - xj))
+        upd = step_l1 / jnp.maximum(jnp.mean(jnp.abs(xj)), 1e-30)
+        vel = jnp.where(dt != 0, step_l1 / jnp.abs(jnp.where(dt != 0, dt, 1.0)), jnp.nan)
+        nan = jnp.float32(jnp.nan)
+        return jnp.where(update, upd, nan), jnp.where(update, vel, nan).astype(jnp.float32)
+
+    def _positions(self, params, cond, state, row, ring, run_pos, per_branch, info_of, consts):
+        """Per position, oldest first: an un-batched cond per CFG branch (forward or replay), then the solver."""
+        d, nb, w = self.denoiser, self.branches, self.window
+        active = row["active"]
+
+        def position(carry, j):
+            def run(carry):
+                latents, cache, has_cache, solver, kv, n = carry
+                r = ring[j]
+                xj, st = _take(latents, r), jax.tree.map(lambda a: _take(a, r), solver)
+                if self.reuse == "displacement":  # one decision for all branches: replay the whole step
+                    cj = _take(cache, r)
+                    slot = info_of(j, 0)
+
+                    def forward(kv):
+                        outs = []
+                        for b in range(nb):
+                            out, kv = d.forward_chunk(params, cond, xj, info_of(j, b), kv)
+                            outs.append(out.velocity)
+                        v = outs[0] if nb == 1 else d.combine(params, cond, outs)
+                        x_new, _ = self.solver.update(st, xj, v, slot.dt, consts)
+                        return x_new, (x_new - xj).astype(cj.dtype), kv, jnp.full((nb,), 1, jnp.int32)
+
+                    def replay(kv):
+                        return xj + cj, cj, kv, jnp.zeros((nb,), jnp.int32)
+
+                    x_new, c_new, kv, ran = jax.lax.cond(per_branch[0, j], forward, replay, kv)
+                    upd, vel = self._update_records(xj, x_new, slot.dt, active[j])
+                    x_new = jnp.where(active[j], x_new, xj)
+                    cache = _put(cache, r, c_new)
+                else:
+                    vs, rans, cs = [], [], []
+                    for b in range(nb):
+                        cb = _take(cache, r)[b]
+                        slot = info_of(j, b)
+
+                        def forward(kv, slot=slot, cb=cb):
+                            out, kv = d.forward_chunk(params, cond, xj, slot, kv)
+                            return out.velocity, out.residual.astype(cb.dtype), kv, jnp.ones((), jnp.int32)
+
+                        def replay(kv, slot=slot, cb=cb):
+                            v = d.velocity_from_residual(params, cond, xj, slot, cb)
+                            return v, cb, kv, jnp.zeros((), jnp.int32)
+
+                        v, c_new, kv, ran_b = jax.lax.cond(per_branch[b, j], forward, replay, kv)
+                        vs.append(v)
+                        cs.append(c_new)
+                        rans.append(ran_b)
+                    v = vs[0] if nb == 1 else d.combine(params, cond, vs)
+                    ran = jnp.stack(rans)
+                    x_new, st_new, upd, vel = self._advance(xj, v, st, info_of(j, 0), consts, active[j])
+                    solver = jax.tree.map(lambda a, s: _put(a, r, s), solver, st_new)
+                    cache = _put(cache, r, jnp.stack(cs))
+                carry = (_put(latents, r, x_new), cache, has_cache.at[r].set(has_cache[r] | (jnp.all(ran > 0)
+                                                                                        & active[j])),
+                         solver, kv, n + jnp.sum(ran))
+                return carry, (upd, vel, ran)
+
+            nan = jnp.float32(jnp.nan)
+            return jax.lax.cond(run_pos[j], run, lambda c: (c, (nan, nan, jnp.zeros((nb,), jnp.int32))), carry)
+
+        carry = (state.latents, state.cache, state.has_cache, state.solver, state.kv, state.computed)
+        (latents, cache, has_cache, solver, kv, computed), (upd, vel_l1, ran) = jax.lax.scan(
+            position, carry, jnp.arange(w))
+        state = state.replace(latents=latents, cache=cache, has_cache=has_cache, solver=solver, kv=kv,
+                              computed=computed)
+        return state, ran.T, upd, vel_l1
+
+    def _joint(self, params, cond, state, row, x, ring, held, per_branch, consts):
+        """One forward of the whole window per CFG branch (reused as a whole), then the solver per position."""
+        d, nb, w = self.denoiser, self.branches, self.window
+        active = row["active"]
+        infos = SlotInfo(chunk=row["chunk"], k=row["k"], t=row["t"], dt=row["dt"], position=jnp.arange(w),
+                         window_end=jnp.max(jnp.where(held, row["chunk"], -1)) + 1, step=state.step, branch=0)
+        cache = state.cache[ring]  # [W, branches, ...]
+        kv, vs, rans, cs = state.kv, [], [], []
+        for b in range(nb):
+            info_b = infos._replace(branch=b)
+            cb = cache[:, b]
+
+            def forward(kv, info_b=info_b, cb=cb):
+                v, res, kv = d.forward_window(params, cond, x, info_b, kv)
+                return v, res.astype(cb.dtype), kv, jnp.ones((), jnp.int32)
+
+            def replay(kv, b=b, cb=cb):
+                def one(xi, c, k, t, dt, pos, ci):
+                    slot = SlotInfo(c, k, t, dt, pos, infos.window_end, state.step, b)
+                    return d.velocity_from_residual(params, cond, xi, slot, ci)
+
+                v = jax.vmap(one)(x, row["chunk"], row["k"], row["t"], row["dt"], jnp.arange(w), cb)
+                return v, cb, kv, jnp.zeros((), jnp.int32)
+
+            # the window call runs when a block being updated computes (prefix refreshes ride along)
+            v, c_new, kv, ran_b = jax.lax.cond(jnp.any(per_branch[b] & active), forward, replay, kv)
+            vs.append(v)
+            cs.append(c_new)
+            rans.append(ran_b)
+        v = vs[0] if nb == 1 else d.combine(params, cond, vs)
+        sol = jax.tree.map(lambda a: a[ring], state.solver)
+        x_new, st_new, upd, vel = jax.vmap(lambda xi, vi, si, dti, ai: self._advance(
+            xi, vi, si, SlotInfo(0, 0, 0.0, dti, 0, 0), consts, ai))(x, v, sol, row["dt"], active)
+        drop = jnp.where(held, ring, w)
+        ran = jnp.stack(rans)
+        n_held = jnp.sum(held.astype(jnp.int32))
+        state = state.replace(
+            latents=state.latents.at[drop].set(x_new, mode="drop"),
+            cache=state.cache.at[drop].set(jnp.stack(cs, 1), mode="drop"),
+            solver=jax.tree.map(lambda a, s: a.at[drop].set(s, mode="drop"), state.solver, st_new),
+            has_cache=state.has_cache.at[drop].set(state.has_cache[ring] | jnp.all(ran > 0), mode="drop"), kv=kv,
+            computed=state.computed + n_held * jnp.sum(ran))
+        return state, ran, upd, vel
 
     def _reencode(self, params: Any, cond: Any, state: SamplerState, chunks: jax.Array) -> SamplerState:
         """Re-encode chunks that finished in the previous stage (ring slot -> chunk id or -1), oldest first."""
@@ -211,7 +383,7 @@ class Sampler:
         def one(kv, r):
             c = chunks[r]
             info = SlotInfo(chunk=c, k=jnp.int32(0), t=jnp.float32(1.0), dt=jnp.float32(0.0),
-                            position=jnp.int32(-1), window_end=c + 1)
+                            position=jnp.int32(-1), window_end=c + 1, step=state.step)
             kv = jax.lax.cond(c >= 0, lambda kv: self.denoiser.encode_clean(params, cond, state.latents[r], info, kv),
                               lambda kv: kv, kv)
             return kv, None
@@ -219,28 +391,30 @@ class Sampler:
         kv, _ = jax.lax.scan(one, state.kv, order[:w])
         return state.replace(kv=kv)
 
-    def _stage(self, params: Any, cond: Any, state: SamplerState, tab: dict, noise: jax.Array
+    def _stage(self, params: Any, cond: Any, state: SamplerState, tab: dict, noise: jax.Array, knobs: dict
                ) -> tuple[SamplerState, dict]:
         self.traces += 1  # Python side effect: runs once per trace, i.e. per compilation
-        w = self.window
+        w, nb = self.window, self.branches
         if self.reencode_clean:
             state = self._reencode(params, cond, state, tab["reencode"])
         enter = tab["enter"]
         ent = enter >= 0
         bcast = ent.reshape((w,) + (1,) * (state.latents.ndim - 1))
+        fresh = jax.tree.map(lambda a: jnp.zeros_like(a), state.solver)
         state = state.replace(
             latents=jnp.where(bcast, noise.astype(state.latents.dtype), state.latents),
             chunk=jnp.where(ent, enter, state.chunk), acc=jnp.where(ent, 0.0, state.acc),
-            has_cache=state.has_cache & ~ent, prev_present=state.prev_present & ~ent)
+            has_cache=state.has_cache & ~ent, prev_present=state.prev_present & ~ent,
+            solver=jax.tree.map(lambda z, a: jnp.where(ent.reshape((w,) + (1,) * (a.ndim - 1)), z, a), fresh,
+                                state.solver))
 
         def step(state, row):
             def skip(state):
                 nan = jnp.full((w,), jnp.nan, jnp.float32)
                 neg = jnp.full((w,), -1, jnp.int8)
-                return state, {"decisions": neg, "chunk": jnp.full((w,), -1, jnp.int32), "rel": nan,
-                               "update_l1": nan, "acc_before": nan, "acc": nan, "reason": neg, "diff_l1": nan,
-                               "prev_l1": nan, "velocity_l1": nan}
-            return jax.lax.cond(row["step_valid"], lambda s: self._step(params, cond, s, row), skip, state)
+                return state, {"decisions": jnp.full((nb, w), -1, jnp.int8), "chunk": jnp.full((nb, w), -1, jnp.int32),
+                               "reason": neg, **{k: nan for k in _REC_NAN}}
+            return jax.lax.cond(row["step_valid"], lambda s: self._step(params, cond, s, row, knobs), skip, state)
 
         rows = {k: tab[k] for k in _STEP_KEYS}
         state, rec = jax.lax.scan(step, state, rows)
@@ -266,8 +440,25 @@ class Sampler:
         mem = exe.memory_analysis() if exe is not None else None
         return int(getattr(mem, "temp_size_in_bytes", 0) or 0)
 
+    def _stage_tables(self, table: ScheduleTable, plan: dict | None) -> list[dict]:
+        tabs = [table.stage(s) for s in range(table.num_stages)]
+        for s, tab in enumerate(tabs):
+            p, w = tab["active"].shape
+            tab["plan"] = np.ones((p, self.branches, w), bool) if plan is None else plan["compute"][s]
+            tab["plan_reason"] = np.zeros((p, w), np.int8) if plan is None else plan["reason"][s]
+        return tabs
+
+    def knobs_of(self, policy: Policy | None) -> dict:
+        """The runtime knobs of ``policy`` (default: the sampler's own, which it must share the structure of) and
+        of the solver."""
+        if policy is not None and structure(policy) != structure(self.policy):
+            raise ValueError(f"policy {policy!r} does not have the structure this sampler was compiled for "
+                             f"({self.policy!r}): build another sampler")
+        return {"policy": (policy or self.policy).knobs(), "solver": self.solver.consts()}
+
     def compile(self, params: Any, cond: Any, state: SamplerState, table: ScheduleTable) -> float:
-        """AOT-compile the stage function once (shapes do not depend on the stage or video length)."""
+        """AOT-compile the stage function once per (steps per stage, window): the stage, the video length and
+        the policy's knobs (threshold, warm-up, coefficients) are arguments, not constants."""
         if table.window != self.window:
             raise ValueError(f"schedule window {table.window} != sampler window {self.window}")
         shape = (table.steps_per_stage, table.window)
@@ -279,17 +470,30 @@ class Sampler:
         # backend cannot use donated buffers and would only warn.
         donate = () if jax.default_backend() == "cpu" else (2,)
         self._compiled[shape] = jax.jit(self._stage, donate_argnums=donate).lower(
-            params, cond, state, table.stage(0), noise).compile()
+            params, cond, state, self._stage_tables(table, None)[0], noise, self.knobs_of(None)).compile()
         jax.block_until_ready(self._noise(jax.random.PRNGKey(0)))  # compile the noise sampler here too
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.compile_seconds += dt
+        return dt
+
+    def plan(self, params: Any, cond: Any, table: ScheduleTable, policy: Policy, plan_state: Any = None
+             ) -> tuple[dict | None, dict | None, Any]:
+        """A host policy's decision table for ``table`` (None for in-graph policies)."""
+        if not self.host:
+            return None, None, None
+        feats = self.denoiser.timestep_features(params, cond, table)
+        return policy.plan(table, feats, self.branches, plan_state)
 
     def run(self, params: Any, cond: Any, table: ScheduleTable, key: jax.Array, progress: bool = True,
             initial_noise: np.ndarray | None = None, record_stages: bool = False,
-            on_stage: Any = None, on_chunk: Any = None) -> RunResult:
+            on_stage: Any = None, on_chunk: Any = None, policy: Policy | None = None,
+            plan_state: Any = None) -> RunResult:
         """Generate a video. ``initial_noise`` [B, n_chunks, *chunk_shape] replaces the seeded noise;
         ``on_stage(stage, state)`` is called after every stage (inspection, memory sampling);
         ``on_chunk(chunk, latent [B, *chunk_shape])`` as soon as a chunk is final (e.g. to decode it with a VAE
-        while the later chunks are still being denoised)."""
+        while the later chunks are still being denoised). ``policy`` (same rule, other knobs, e.g. another threshold)
+        runs on the same compiled function; ``plan_state`` carries a host policy's state from a previous window."""
+        knobs = self.knobs_of(policy)
         limit = getattr(self.denoiser, "n_chunks", None)
         if limit is not None and table.n_chunks > limit:
             raise ValueError(f"the schedule has {table.n_chunks} chunks but the denoiser's KV buffer holds {limit}")
@@ -300,6 +504,10 @@ class Sampler:
             state = state.replace(kv=self._prepare(params, cond, state.kv))
         t_compile = self.compile(params, cond, state, table)
         compiled = self._compiled[(table.steps_per_stage, table.window)]
+        t_plan = time.perf_counter()
+        plan, plan_records, plan_state = self.plan(params, cond, table, policy or self.policy, plan_state)
+        t_plan = time.perf_counter() - t_plan
+        tabs = self._stage_tables(table, plan)
         video = np.zeros((self.batch, table.n_chunks, *self.denoiser.chunk_shape), np.float32)
         recs, stage_latents, reports = [], [], []
         if initial_noise is not None:
@@ -318,7 +526,7 @@ class Sampler:
             noise = noises[s]
             for r in np.flatnonzero(table.enter[s] >= 0):  # not-yet-finished chunks show their current latent
                 video[:, table.enter[s][r]] = noise[r]
-            state, rec = compiled(params, cond, state, table.stage(s), noise)
+            state, rec = compiled(params, cond, state, tabs[s], noise, knobs)
             recs.append(rec)
             if on_stage is not None:
                 on_stage(s, state)
@@ -337,16 +545,22 @@ class Sampler:
                 stage_latents.append(video.copy())
                 if hasattr(self.denoiser, "report"):
                     reports.append(jax.tree.map(np.asarray, self.denoiser.report(state.kv)))
-        computed, probing = int(state.computed), self.features != "input"
+        computed, probing = int(state.computed), self.features == "first_block"
         t_denoise = time.perf_counter() - t0 - t_callbacks  # decoding in on_chunk is the caller's to time
-        rec = {k: np.concatenate([np.asarray(r[k]) for r in recs])[table.step_valid.reshape(-1)]
-               for k in recs[0]}
+        valid = table.step_valid.reshape(-1)
+        rec = {k: np.concatenate([np.asarray(r[k]) for r in recs])[valid] for k in recs[0]}
+        for k in ("decisions", "chunk"):  # one row per model call
+            rec[k] = rec[k].reshape(-1, rec[k].shape[-1])
+        wall = {"compile": t_compile, "denoise": t_denoise}
+        if self.host:
+            wall["plan"] = t_plan
         return RunResult(video=video, decisions=rec["decisions"], chunk=rec["chunk"], rel=rec["rel"],
                          update_l1=rec["update_l1"], acc_before=rec["acc_before"], acc=rec["acc"],
                          reason=rec["reason"], diff_l1=rec["diff_l1"], prev_l1=rec["prev_l1"],
                          velocity_l1=rec["velocity_l1"], computed=computed, probes=int(state.probed),
                          probe_cost=float(getattr(self.denoiser, "probe_cost", 0.0)) if probing else 0.0,
-                         chunk_forwards_vanilla=table.chunk_forwards,
-                         wall={"compile": t_compile, "denoise": t_denoise}, traces=self.traces,
+                         chunk_forwards_vanilla=table.chunk_forwards * self.branches,
+                         wall=wall, traces=self.traces,
                          stage_latents=np.stack(stage_latents) if record_stages else None,
-                         stage_reports=reports if record_stages else None)
+                         stage_reports=reports if record_stages else None, branches=self.branches,
+                         structure_skipped=int(state.skipped), plan_records=plan_records, plan_state=plan_state)

@@ -61,6 +61,14 @@ def magi_time_grid(num_steps: int, shortcut_mode: str = "8,16,16") -> np.ndarray
     return _shift_map(u, 2.0, 3.0)
 
 
+def skyreels_sigmas(steps: int, shift: float = 8.0, sigma_max: float = 0.999) -> tuple[np.ndarray, np.ndarray]:
+    """SkyReels' grid: sigmas [steps + 1] (last 0) and integer model timesteps [steps] (spec skyreels_v2 §4.2)."""
+    s = np.linspace(sigma_max, 0.0, steps + 1)[:-1]
+    sig = shift * s / (1 + (shift - 1) * s)
+    t = (sig * 1000).astype(np.int64)
+    return np.append(sig, 0.0).astype(np.float32), t
+
+
 @dataclasses.dataclass(frozen=True)
 class ScheduleTable:
     """Per-stage tables, axes [stage, step, position]; position 0 is the oldest chunk in the window."""
@@ -80,6 +88,7 @@ class ScheduleTable:
     grid: np.ndarray  # float32 [N + 1]
     n_chunks: int
     steps_per_chunk: int
+    refresh: np.ndarray | None = None  # bool [S, P, W]: run the chunk's forward for its K/V only (no update)
 
     @property
     def num_stages(self) -> int:
@@ -99,14 +108,16 @@ class ScheduleTable:
 
     @property
     def chunk_forwards(self) -> int:
-        """Chunk updates of the uncached run (the ideal-speedup denominator)."""
-        return int(self.active.sum())
+        """Chunk forwards of the uncached run per CFG branch (the ideal-speedup denominator): every chunk the window
+        holds at every step (MAGI: the chunks being updated; a DF window: all its blocks)."""
+        return int(((self.chunk >= 0) & self.step_valid[..., None]).sum())
 
     def stage(self, s: int) -> dict[str, np.ndarray]:
         """The arrays one jitted stage call receives (fixed shapes for every stage)."""
         names = ("chunk", "k", "t", "dt", "active", "first", "last", "step_valid", "global_first",
                  "global_last", "enter", "finish")
         out = {n: getattr(self, n)[s] for n in names}
+        out["refresh"] = np.zeros_like(self.active[s]) if self.refresh is None else self.refresh[s]
         out["reencode"] = self.finish[s - 1] if s > 0 else np.full_like(self.finish[0], -1)
         out["n_chunks"] = np.int32(self.n_chunks)
         return out
@@ -229,3 +240,61 @@ def df_schedule(n_blocks: int, steps: int, ar_step: int, grid: np.ndarray | None
     window = n_blocks if offset == 0 else math.ceil(steps / offset)
     stage_len = steps if offset == 0 else offset
     return _table_from_updates(starts, steps, len(idx), stage_len, window, grid)
+
+
+def df_window_table(step_index: np.ndarray, update_mask: np.ndarray, block: int, timesteps: np.ndarray,
+                    sigmas: np.ndarray, prefix_frames: int = 0, addnoise_condition: int = 0,
+                    prefix_refresh: str = "every", pad_to: int = 0, first: bool = True, last: bool = True,
+                    stage_len: int = 0) -> ScheduleTable:
+    """One diffusion-forcing window (SkyReels-V2) as a table whose positions are the window's blocks.
+
+    ``step_index`` / ``update_mask`` [I, F] are the per-frame DF rows (``df_frame_masks``). Every block is held
+    at every iteration (a whole-window call sees them all); ``active`` = updated now, ``k`` its completed
+    updates. ``t`` is the model's conditioning time in this project's convention, ``1 - model_t / 1000`` with
+    the integer model timestep (999 not started, 0 finished, ``addnoise_condition`` for the prefix), so a
+    denoiser recovers it exactly; ``dt`` = sigma_k - sigma_{k+1}. Prefix blocks are never updated: they are
+    refreshed (their K/V rerun) at every iteration or, FlowCache's long-video rule, at the first only.
+    Iterations are padded to ``pad_to`` so that windows of one size share one compiled function; the window is
+    one stage, or stages of ``stage_len`` iterations (e.g. 1: the latents after every iteration).
+    """
+    iters, frames = update_mask.shape
+    if frames % block or prefix_frames % block:
+        raise ValueError(f"window frames {frames} and prefix {prefix_frames} must be multiples of the block {block}")
+    if prefix_refresh not in ("every", "first"):
+        raise ValueError(f"prefix_refresh must be 'every' or 'first', got {prefix_refresh!r}")
+    g, n = frames // block, len(timesteps)
+    p = max(iters, pad_to)
+    length = stage_len or p
+    p = -(-p // length) * length
+    stages = p // length
+    idx, upd = step_index[:, ::block], update_mask[:, ::block]
+    template = np.concatenate([[999], np.asarray(timesteps), [0]]).astype(np.int64)
+    model_t = template[idx]
+    pre = np.arange(g) < prefix_frames // block
+    model_t[:, pre] = addnoise_condition
+    k = np.clip(idx - 1, 0, n - 1)
+
+    def pad(a, fill):
+        a = np.concatenate([a, np.full((p - iters, *a.shape[1:]), fill, a.dtype)])
+        return a.reshape(stages, length, *a.shape[1:])
+
+    sig = np.asarray(sigmas, np.float32)
+    refresh = np.zeros((iters, g), bool)
+    refresh[:, pre] = True
+    if prefix_refresh == "first":
+        refresh[1:] = False
+    flat = np.arange(p).reshape(stages, length)
+    enter = np.full((stages, g), -1, np.int32)
+    enter[0] = np.arange(g)
+    finish = np.full((stages, g), -1, np.int32)
+    for b in np.flatnonzero(~pre):  # a block is final after its last update
+        finish[int(np.flatnonzero(upd[:, b])[-1]) // length, b] = b
+    return ScheduleTable(
+        chunk=pad(np.broadcast_to(np.arange(g, dtype=np.int32), (iters, g)).copy(), -1),
+        k=pad(np.where(upd, k, 0).astype(np.int32), 0),
+        t=pad((1.0 - model_t / 1000.0).astype(np.float32), 0.0),
+        dt=pad(np.where(upd, sig[k] - sig[np.minimum(k + 1, n)], 0.0).astype(np.float32), 0.0),
+        active=pad(upd, False), first=pad(upd & (idx == 1), False), last=pad(upd & (idx == n), False),
+        step_valid=flat < iters, global_first=(flat == 0) & first, global_last=(flat == iters - 1) & last,
+        enter=enter, finish=finish, grid=(1.0 - sig).astype(np.float32), n_chunks=g, steps_per_chunk=n,
+        refresh=pad(refresh, False))

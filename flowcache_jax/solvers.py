@@ -13,6 +13,22 @@ def euler_step(x: jax.Array, velocity: jax.Array, dt: jax.Array) -> jax.Array:
     return x + velocity * dt.astype(x.dtype)
 
 
+class Euler:
+    """The sampler's solver slot for MAGI-1 and the synthetic flows: stateless, the step is the table's dt."""
+
+    stateless = True
+
+    def chunk_state(self, latent: jax.ShapeDtypeStruct) -> dict:
+        return {}
+
+    def consts(self) -> dict:
+        return {}
+
+    def update(self, state: dict, x: jax.Array, v: jax.Array, dt: jax.Array, consts: dict
+               ) -> tuple[jax.Array, dict]:
+        return euler_step(x, v, dt), state
+
+
 class FlowUniPC:
     """SkyReels' FlowUniPCMultistep (order 2, bh2, x0-prediction, lower-order final), one state per frame.
 
@@ -31,17 +47,35 @@ class FlowUniPC:
         with np.errstate(divide="ignore"):
             self.lam = np.log(1.0 - s) - np.log(s)  # lambda_N = +inf
 
+    stateless = False
+
+    def consts(self) -> dict:
+        """The step grid as runtime arrays (a compiled sampler serves any grid of the same length)."""
+        return {"sigmas": self.sigmas, "lam": np.where(np.isfinite(self.lam), self.lam, 0.0).astype(np.float32)}
+
+    def chunk_state(self, latent: jax.ShapeDtypeStruct, frame_axis: int = 2) -> dict:
+        """The state of one chunk [B, C, F, H, W] (its frames at ``frame_axis``)."""
+        return self.init_state(jnp.zeros(latent.shape, latent.dtype), frame_axis)
+
+    def update(self, state: dict, x: jax.Array, v: jax.Array, dt: jax.Array, consts: dict, frame_axis: int = 2
+               ) -> tuple[jax.Array, dict]:
+        """One update of every frame of a chunk (the sampler only calls it for chunks being updated)."""
+        mask = jnp.ones((x.shape[frame_axis],), bool)
+        return self.step(state, x, v, mask, frame_axis, consts["sigmas"], consts["lam"])
+
     def init_state(self, x: jax.Array, frame_axis: int = 1) -> dict:
         f = x.shape[frame_axis]
         z = jnp.zeros_like(x)
         return {"k": jnp.zeros((f,), jnp.int32), "x0_1": z, "x0_2": z, "last": z, "order": jnp.zeros((f,), jnp.int32)}
 
-    def step(self, state: dict, x: jax.Array, v: jax.Array, mask: jax.Array, frame_axis: int = 1
-             ) -> tuple[jax.Array, dict]:
-        """One update of the frames in ``mask`` (x, v: [..., F, ...] with F at ``frame_axis``)."""
+    def step(self, state: dict, x: jax.Array, v: jax.Array, mask: jax.Array, frame_axis: int = 1,
+             sigmas: jax.Array | None = None, lam: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """One update of the frames in ``mask`` (x, v: [..., F, ...] with F at ``frame_axis``); ``sigmas`` /
+        ``lam`` (from ``consts``) replace the constructor's grid, e.g. as traced arguments."""
         n = self.steps
-        sig = jnp.asarray(self.sigmas)
-        lam = jnp.asarray(np.where(np.isfinite(self.lam), self.lam, 0.0), jnp.float32)
+        c = self.consts()
+        sig = jnp.asarray(c["sigmas"] if sigmas is None else sigmas)
+        lam = jnp.asarray(c["lam"] if lam is None else lam, jnp.float32)
         k = state["k"]
         x_in = x
         shape = [1] * x.ndim

@@ -28,10 +28,12 @@ class SamplerState:
     step: jax.Array  # int32 []: global steps done
     computed: jax.Array  # int32 []: chunk forwards run so far
     probed: jax.Array  # int32 []: first-block probes run so far (FirstBlockCache)
+    solver: Any = None  # the solver's per-chunk state, leading ring axis (FlowUniPC's history; Euler: {})
+    skipped: Any = None  # int32 []: forwards the executor's structure skipped (held chunks not run)
 
 
 def init_state(latent: jax.ShapeDtypeStruct, feat: jax.ShapeDtypeStruct, cache: jax.ShapeDtypeStruct,
-               window: int, kv: Any, glob: Any) -> SamplerState:
+               window: int, kv: Any, glob: Any, solver: Any = None) -> SamplerState:
     """An empty state; shapes are per chunk ([B, ...]) and get a leading ring axis of ``window``."""
 
     def zeros(s: jax.ShapeDtypeStruct) -> jax.Array:
@@ -41,4 +43,5 @@ def init_state(latent: jax.ShapeDtypeStruct, feat: jax.ShapeDtypeStruct, cache: 
         latents=zeros(latent), chunk=jnp.full((window,), -1, jnp.int32), acc=jnp.zeros((window,), jnp.float32),
         prev_feat=zeros(feat), prev_present=jnp.zeros((window,), bool), cache=zeros(cache),
         has_cache=jnp.zeros((window,), bool), kv=kv, glob=glob, step=jnp.zeros((), jnp.int32),
-        computed=jnp.zeros((), jnp.int32), probed=jnp.zeros((), jnp.int32))
+        computed=jnp.zeros((), jnp.int32), probed=jnp.zeros((), jnp.int32), solver={} if solver is None else solver,
+        skipped=jnp.zeros((), jnp.int32))

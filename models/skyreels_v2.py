@@ -126,11 +126,15 @@ def patchify(cfg: SkyReelsConfig, x: jax.Array) -> jax.Array:
         fp * hp * wp, -1)
 
 
-def conditions(cfg: SkyReelsConfig, p: dict, t: jax.Array, context: jax.Array, fps: int | jax.Array) -> dict:
-    """Text keys' source ``ctx``, per-frame time embedding ``e`` [F, D] and modulation ``e0`` [F, 6, D]."""
+def text_embed(cfg: SkyReelsConfig, p: dict, context: jax.Array) -> jax.Array:
+    """The text keys' source ``ctx`` [L, D]: the context MLP (constant over a run, so computed once)."""
+    return dense(jax.nn.gelu(dense(context.astype(jnp.float32), p["text"]["fc1"], jnp.float32), approximate=True),
+                 p["text"]["fc2"], jnp.float32).astype(jnp.dtype(cfg.dtype))
+
+
+def time_conditions(cfg: SkyReelsConfig, p: dict, t: jax.Array, fps: int | jax.Array) -> dict:
+    """Per-frame time embedding ``e`` [F, D] and modulation ``e0`` [F, 6, D] of integer timesteps ``t`` [F]."""
     d = cfg.dim
-    ctx = dense(jax.nn.gelu(dense(context.astype(jnp.float32), p["text"]["fc1"], jnp.float32), approximate=True),
-                p["text"]["fc2"], jnp.float32).astype(jnp.dtype(cfg.dtype))
     sinus = jnp.asarray(timestep_table(cfg.freq_dim))[jnp.asarray(t, jnp.int32)]
     e = dense(jax.nn.silu(dense(sinus, p["time"]["fc1"], jnp.float32)), p["time"]["fc2"], jnp.float32)
     proj = dense(jax.nn.silu(e), p["time_proj"], jnp.float32)
@@ -139,7 +143,12 @@ def conditions(cfg: SkyReelsConfig, p: dict, t: jax.Array, context: jax.Array, f
         fe = p["fps_embedding"][jnp.asarray(fps, jnp.int32)].astype(jnp.float32)
         fe = dense(jax.nn.silu(dense(fe, p["fps_proj"]["fc1"], jnp.float32)), p["fps_proj"]["fc2"], jnp.float32)
         e0 = e0 + fe.reshape(6, d)
-    return {"ctx": ctx, "e": e, "e0": e0, "time_proj": proj}
+    return {"e": e, "e0": e0, "time_proj": proj}
+
+
+def conditions(cfg: SkyReelsConfig, p: dict, t: jax.Array, context: jax.Array, fps: int | jax.Array) -> dict:
+    """Text keys' source ``ctx``, per-frame time embedding ``e`` [F, D] and modulation ``e0`` [F, 6, D]."""
+    return {"ctx": text_embed(cfg, p, context), **time_conditions(cfg, p, t, fps)}
 
 
 def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_of: jax.Array, ctx: jax.Array,

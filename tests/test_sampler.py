@@ -8,6 +8,7 @@ import pytest
 
 from experiments import common
 from experiments.configs.synthetic_base import get_base
+from flowcache_jax.policies import FlowCache
 from flowcache_jax.sampler import Sampler
 from flowcache_jax.schedules import magi_schedule
 from flowcache_jax.synthetic import SyntheticFlow
@@ -149,3 +150,19 @@ def test_context_matters():
     b = run2.sampler.run(run2.params, run2.cond, run2.table, run2.key, progress=False).video
     np.testing.assert_allclose(a[:, 0], b[:, 0], rtol=1e-5, atol=1e-6)  # same chunk 0
     assert np.abs(a[:, 1] - b[:, 1]).mean() > 0.1
+
+
+def test_a_threshold_sweep_compiles_once():
+    """Policy knobs are arguments of the compiled stage function: other thresholds and warm-ups reuse it."""
+    flow = SyntheticFlow()
+    table = magi_schedule(4, 2, 8)
+    sampler = Sampler(flow, FlowCache(threshold=0.05, warmup=3), table.window)
+    params = flow.init_params()
+    computed = [sampler.run(params, None, table, jax.random.PRNGKey(0), progress=False,
+                            policy=FlowCache(threshold=t, warmup=w)).computed
+                for t, w in ((0.0, 3), (0.05, 3), (0.5, 1), (5.0, 0))]
+    assert sampler.traces == 1
+    assert computed[0] == table.chunk_forwards and computed[0] > computed[-1]
+    with pytest.raises(ValueError, match="structure"):  # another coefficient count needs another sampler
+        sampler.run(params, None, table, jax.random.PRNGKey(0), progress=False,
+                    policy=FlowCache(0.1, coeffs=(1.0, 0.0)))

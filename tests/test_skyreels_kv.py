@@ -1,13 +1,16 @@
-"""FlowCache's SkyReels executor with KV compression vs the fork (e2e_flowcache_kv_{sync,async,long}.npz)."""
-
+"""FlowCache's SkyReels executor with KV compression (the host oracle ``tests/skyreels_oracle.py``, executing the
+one rule's decisions) vs the fork (e2e_flowcache_kv_{sync,async,long}.npz): every event, kept set and final."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.skyreels_flowcache import GroupCache, run_window
-from tests.test_skyreels_df import REPORT
-from tests.test_skyreels_flowcache import fork_windows
+from flowcache_jax.policies.group_flowcache import COMPUTED, PREFIX
+from flowcache_jax.policies.host import valid_rows
+from flowcache_jax.schedules import df_frame_masks
+from tests import skyreels_oracle
+from tests.skyreels_runs import REPORT, call_kwargs, fixture_windows, windowed
+from tests.test_skyreels_flowcache import policy_of, prefix_refresh
 from tests.test_skyreels_parity import FIXTURE, model  # noqa: F401  (module-scoped fixture)
 
 FILES = sorted(FIXTURE.glob("e2e_flowcache_kv_*.npz"))
@@ -21,33 +24,53 @@ def threshold(path, run: str) -> float:
     return float(plain["thresholds"][names.index(run)])
 
 
+def window_statuses(model, van, thr, refresh, plan) -> list[np.ndarray]:  # noqa: F811
+    """Per window, the per-call group statuses of the rule (or, without a threshold, of the executor alone)."""
+    policy = policy_of(thr)
+    ws, cond = windowed(model, van, policy, "groups", refresh)
+    out = []
+    for table in ws.tables(plan):
+        if np.isnan(thr):
+            rows = valid_rows(table)
+            st = np.where(rows["active"], COMPUTED, np.where(rows["refresh"], PREFIX, 0)).astype(np.int8)
+            out.append(np.repeat(st, 2, 0))
+        else:
+            den = ws.sampler(table.window).denoiser
+            out.append(policy.plan(table, den.timestep_features(model[1], cond, table), 2)[1]["status"])
+    return out
+
+
 @pytest.mark.parametrize("path,run", CASES, ids=lambda v: v.stem if hasattr(v, "stem") else str(v))
 def test_flowcache_with_compression(model, path, run):  # noqa: F811
     cfg, params = model
     f = np.load(path)
     van = np.load(FIXTURE / path.name.replace("e2e_flowcache_kv_", "e2e_vanilla_"))
     thr = threshold(path, run)
-    cache = GroupCache(None if np.isnan(thr) else thr)
-    recs = []
-
-    def step(w, x, plan, overlap, addnoise, eps):
-        ctx_c, ctx_u = jnp.asarray(van["context_cond"][0]), jnp.asarray(van["context_uncond"][0])
-        lat, rec = run_window(cfg, params, x, ctx_c, ctx_u, int(van["fps_index"][0]), plan, van["sched_sigmas"],
-                              van["sched_timesteps"], float(REPORT["guidance"]), int(REPORT["V"]["block"]), cache,
-                              overlap, addnoise, eps, budget_block=int(f["budget_block"]))
+    refresh = prefix_refresh(f, thr)
+    plan, noise, eps = fixture_windows(van, f, run)
+    block, ar, addnoise = call_kwargs(van)
+    ts = van["sched_timesteps"]
+    status = window_statuses(model, van, thr, refresh, plan)
+    recs, prev = [], None
+    for w, (frames, pre) in enumerate(plan.windows):
+        x = np.array(noise[w])
+        if pre:
+            x[:, :pre] = prev[:, -pre:]
+        idx, upd = df_frame_masks(frames, block, len(ts), ar, pre)
+        lat, rec = skyreels_oracle.run_window(
+            cfg, params, x, jnp.asarray(van["context_cond"][0]), jnp.asarray(van["context_uncond"][0]),
+            int(van["fps_index"][0]), idx, upd, pre, van["sched_sigmas"], ts, float(REPORT["guidance"]), block,
+            status[w], refresh == "first" and pre > 0, addnoise, eps[w], budget_block=int(f["budget_block"]))
         ref = f[f"{run}_w{w}_final_latents"]
         assert np.abs(lat[-1] - ref).max() / np.abs(ref).max() < 1e-5, f"window {w}"
-        offset = sum(len(r["status"]) for r in recs)
+        offset = sum(len(s) for s in status[:w])
         for e in rec["events"]:
             e["call"] += offset
             e["window"] = w
         rec["attn"][:, 0] += offset
         recs.append(rec)
-        return lat[-1]
-
-    fork_windows(f, van, run, cache, step)
-    for key in ("status", "group_update", "group_cnt_before"):
-        np.testing.assert_array_equal(np.concatenate([r[key] for r in recs]), f[f"{run}_{key}"], err_msg=key)
+        prev = lat[-1]
+    np.testing.assert_array_equal(np.concatenate(status), f[f"{run}_status"])
     np.testing.assert_array_equal(np.concatenate([r["attn"] for r in recs]),
                                   f[f"{run}_attn_call_layer_group_nkeys_compressed"])
     events = [e for r in recs for e in r["events"]]

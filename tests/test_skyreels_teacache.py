@@ -1,18 +1,16 @@
-"""TeaCache on the whole DF window vs upstream SkyReels-V2's (e2e_teacache_{sync,async,long}.npz).
+"""TeaCache on the whole DF window (whole-window calls through the one sampler) vs upstream SkyReels-V2's
+(e2e_teacache_{sync,async,long}.npz).
 
 With the reference's call counter (an option) every recorded decision and the final latents match. The
 intended algorithm (the default) counts iterations per branch; it matches the recorded decisions up to the
 first call where upstream's counter resets or carries over (fixture README, defect 5).
 """
 
-import json
-
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.skyreels_df import DFWindow, WindowTeaCache, run_window, teacache_decisions
-from tests.test_skyreels_df import REPORT
+from flowcache_jax.policies.window_teacache import WindowTeaCache
+from tests.skyreels_runs import call_kwargs, fixture_windows, run_fixture, windowed
 from tests.test_skyreels_parity import FIXTURE, model  # noqa: F401  (module-scoped fixture)
 
 FILES = sorted(FIXTURE.glob("e2e_teacache_*.npz"))
@@ -21,39 +19,25 @@ CASES = [(f, str(r), float(t), bool(u)) for f in FILES
 
 
 def run(model, path, name, thr, ret, counter):  # noqa: F811
-    cfg, params = model
     f = np.load(path)
     van = np.load(FIXTURE / path.name.replace("e2e_teacache_", "e2e_vanilla_"))
-    kw = json.loads(str(f["call_kwargs_json"]))
-    block, ts = int(REPORT["V"]["block"]), van["sched_timesteps"]
-    state, recs, finals, prev, w = None, [], [], None, 0
-    while f"{name}_w{w}_final_latents" in f:
-        x = van[f"w{w}_noise"].copy()
-        pre = f[f"{name}_w{w}_prefix_latents"].shape[1] if f"{name}_w{w}_prefix_latents" in f else 0
-        if pre:
-            x[:, :pre] = prev[:, -pre:]
-        plan = DFWindow.build(x.shape[1], block, len(ts), int(kw.get("ar_step", 0)), pre)
-        steps = int(f[f"{name}_num_steps"]) if w == 0 else len(plan.update_mask)  # window 2: the pipeline's own
-        tc = WindowTeaCache(thr, ret, counter, steps)
-        compute, rec, state = teacache_decisions(cfg, params, plan.model_t(ts, int(kw.get("addnoise_condition", 0))),
-                                                 int(van["fps_index"][0]), tc, state)
-        lat = np.asarray(run_window(cfg, params, jnp.asarray(x), jnp.asarray(van["context_cond"][0]),
-                                    jnp.asarray(van["context_uncond"][0]), int(van["fps_index"][0]), plan,
-                                    van["sched_sigmas"], ts, float(REPORT["guidance"]), block,
-                                    int(kw.get("addnoise_condition", 0)),
-                                    jnp.asarray(van[f"w{w}_addnoise_eps"]) if pre else None, compute=compute))
-        recs.append(rec)
-        finals.append(lat[-1])
-        prev = lat[-1]
-        w += 1
-    return f, {k: np.concatenate([r[k] for r in recs]) for k in recs[0]}, finals
+    policy = WindowTeaCache(thr, ret, counter, ar_step=call_kwargs(f)[1])
+    ws, _ = windowed(model, van, policy, "window")
+    first = ws.tables(fixture_windows(van, f, name)[0])[0]
+    assert policy.reference_steps(first) == int(f[f"{name}_num_steps"])  # upstream's step count, from the window
+    res, finals = run_fixture(model, van, policy, "window", f, name)
+    assert res.traces == len({w.video.shape[1] for w in res.windows})  # one compilation per window size
+    return f, res, finals
 
 
 @pytest.mark.parametrize("path,name,thr,ret", CASES, ids=lambda v: v.stem if hasattr(v, "stem") else str(v))
 def test_reference_counter_reproduces_upstream(model, path, name, thr, ret):  # noqa: F811
-    f, rec, finals = run(model, path, name, thr, ret, "reference")
+    f, res, finals = run(model, path, name, thr, ret, "reference")
+    rec = res.plan_records
     np.testing.assert_array_equal(rec["computed"], f[f"{name}_computed"])
     np.testing.assert_array_equal(rec["cnt_before"], f[f"{name}_cnt_before"])
+    # the sampler ran what the rule decided: a whole-window call per computed call, a replay otherwise
+    np.testing.assert_array_equal((res.decisions == 1).all(1), f[f"{name}_computed"])
     for key in ("rel_l1", "rescaled", "acc_after"):
         ref = f[f"{name}_{key}"]
         ok = ~np.isnan(ref)
@@ -65,7 +49,8 @@ def test_reference_counter_reproduces_upstream(model, path, name, thr, ret):  # 
 
 @pytest.mark.parametrize("path,name,thr,ret", CASES, ids=lambda v: v.stem if hasattr(v, "stem") else str(v))
 def test_intended_counter_until_the_defect(model, path, name, thr, ret):  # noqa: F811
-    f, rec, _ = run(model, path, name, thr, ret, "intended")
+    f, res, _ = run(model, path, name, thr, ret, "intended")
+    rec = res.plan_records
     ref = f[f"{name}_computed"]
     cnt = f[f"{name}_cnt_before"]
     calls = np.arange(len(cnt))

@@ -9,45 +9,45 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import theorem1
+from experiments import theorem1_stats as stats
 
 ROOT = Path(__file__).resolve().parents[1]
 VERDICTS = {"holds", "mostly", "breaks"}
 
 
 def test_verdict_thresholds():
-    assert theorem1.verdict(1.0) == "holds"
-    assert theorem1.verdict(0.95) == "mostly"
-    assert theorem1.verdict(0.9) == "mostly"
-    assert theorem1.verdict(0.89) == "breaks"
+    assert stats.verdict(1.0) == "holds"
+    assert stats.verdict(0.95) == "mostly"
+    assert stats.verdict(0.9) == "mostly"
+    assert stats.verdict(0.89) == "breaks"
 
 
 def test_monotonicity_on_hand_made_sequences():
     t = np.linspace(0.0, 1.0, 11)
-    up = theorem1.monotonicity(np.arange(11.0), t)
+    up = stats.monotonicity(np.arange(11.0), t)
     assert up["nondecreasing_fraction"] == 1.0 and up["verdict"] == "holds"
     assert up["spearman"] == pytest.approx(1.0) and len(up["breaks_at_t"]) == 0 and up["breaks_t_range"] is None
 
     one_dip = np.arange(11.0)
     one_dip[4] = 2.5  # 3 -> 2.5 is the only decrease, in 10 pairs
-    r = theorem1.monotonicity(one_dip, t)
+    r = stats.monotonicity(one_dip, t)
     assert r["nondecreasing_fraction"] == pytest.approx(0.9) and r["verdict"] == "mostly"
     assert r["breaks_at_t"].tolist() == [t[4]] and r["breaks_t_range"] == [t[4], t[4]]
 
-    down = theorem1.monotonicity(np.array([3.0, 2.0, 1.0]), t[:3])
+    down = stats.monotonicity(np.array([3.0, 2.0, 1.0]), t[:3])
     assert down["nondecreasing_fraction"] == 0.0 and down["verdict"] == "breaks"
     assert down["spearman"] == pytest.approx(-1.0)
 
-    flat = theorem1.monotonicity(np.array([1.0, 1.0 - 1e-9, 1.0]), t[:3])  # within the relative tolerance
+    flat = stats.monotonicity(np.array([1.0, 1.0 - 1e-9, 1.0]), t[:3])  # within the relative tolerance
     assert flat["verdict"] == "holds"
-    assert theorem1.monotonicity(np.array([1.0, 0.999]), t[:2])["verdict"] == "breaks"
+    assert stats.monotonicity(np.array([1.0, 0.999]), t[:2])["verdict"] == "breaks"
 
 
 def test_monotonicity_rejects_bad_input():
     with pytest.raises(ValueError):
-        theorem1.monotonicity(np.array([1.0]), np.array([0.0]))
+        stats.monotonicity(np.array([1.0]), np.array([0.0]))
     with pytest.raises(ValueError):
-        theorem1.monotonicity(np.array([1.0, np.nan]), np.array([0.0, 1.0]))
+        stats.monotonicity(np.array([1.0, np.nan]), np.array([0.0, 1.0]))
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,10 @@ def quick_run(tmp_path_factory):
 def test_quick_outputs(quick_run):
     out, res = quick_run
     factors = {r["factor"] for r in res["regimes"]}
-    assert factors == set(theorem1.QUICK_SWEEP)
+    assert factors == set(stats.QUICK_SWEEP)
     for r in res["regimes"]:
         assert isinstance(r["assumption_data_gt_noise"], bool)
-        for name in theorem1.QUANTITIES:
+        for name in stats.QUANTITIES:
             q = r["quantities"][name]
             assert q["verdict"] in VERDICTS and q["chunk0"]["verdict"] in VERDICTS
             assert len(q["values"]) == r["settings"]["steps_per_chunk"] - 1  # first step of the chunk excluded
@@ -90,7 +90,7 @@ def test_direction_depends_on_the_schedule_and_the_assumption(quick_run):
     with data much larger than noise the straight-line rate |x1 - eps| / |x_t| falls: the proof's assumption
     pushes the constant-dt form the other way, so the rise comes from the growing dt."""
     _, res = quick_run
-    base = next(r for r in res["regimes"] if r["settings"] == {**r["settings"], **theorem1.BASE})
+    base = next(r for r in res["regimes"] if r["settings"] == {**r["settings"], **stats.BASE})
     assert base["quantities"]["l1_rel"]["spearman"] > 0.9
     big = next(r for r in res["regimes"] if r["factor"] == "data_scale" and r["value"] == 4.0)
     assert big["assumption_data_gt_noise"]

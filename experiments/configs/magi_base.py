@@ -24,7 +24,8 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
         # "reference": the FlowCache fork (no clean re-encode of finished chunks, nearly-clean duplicate dropped);
         # "magi": upstream MAGI-1 (clean re-encode, duplicate run and blended 0.7/0.3); threshold 0 = vanilla.
         semantics=semantics,
-        discard_duplicate=None,  # None: follow semantics; true/false overrides (the fork's thr0dup / Physics-IQ runs)
+        # unset: follow semantics; true/false overrides (the fork's thr0dup / Physics-IQ runs)
+        discard_duplicate=config_dict.placeholder(bool),
         kv_range="full",  # "full" history (FlowCache config) or "official" per-stage ranges [5, 4, 3, 2]
         key_tile=2048))  # keys per attention tile: bounds the score block to [heads, 12150, 2048]
     c.kv = ml_collections.ConfigDict(dict(
@@ -36,5 +37,7 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
     c.prefix = ml_collections.ConfigDict(dict(chunks=0, source="file", file="", video=""))
     c.policy = ml_collections.ConfigDict(dict(
         name=policy, threshold=threshold, warmup=5, coeffs=(), reuse="displacement", metric_dtype="float32",
-        ratios=(), max_skips=4))  # MagCache: calibrated ratios per step (empty: calibrate), skip cap
+        ratios=(), max_skips=4,  # MagCache: calibrated ratios per step (empty: calibrate), skip cap
+        metric="input",  # what the rule reads: the chunk's input features
+        semantics="intended"))  # TeaCache: "reference" = the FlowCache fork's MAGI rule (README, TeaCache)
     return c

@@ -21,7 +21,15 @@ def get_base(name: str, policy: str, threshold: float = 0.0) -> ml_collections.C
         num_frames=177, base_num_frames=97, overlap_history=17, height=544, width=960, fps=24))
     c.sampler = ml_collections.ConfigDict(dict(
         num_steps=50, shift=8.0, guidance=6.0, ar_step=5, causal_block_size=5, addnoise_condition=20,
-        attention="block_causal"))  # "block_causal" (what the paper counts) or "full" (SR without --causal_attention)
+        attention="block_causal",  # "block_causal" (what the paper counts) or "full" (SR without --causal_attention)
+        # "groups": a forward per causal block over a K/V buffer (FlowCache's; finished / not-started blocks cost
+        # nothing); "window": upstream's whole-window call; "": groups for flowcache, window otherwise
+        executor="",
+        reference_aliasing=True))  # reproduce SkyReels' UniPC quirk at the second step (README, SkyReels-V2)
     c.policy = ml_collections.ConfigDict(dict(
-        name=policy, threshold=threshold, warmup=5, coeffs=(), reuse="residual", metric_dtype="float32"))
+        name=policy, threshold=threshold, warmup=5, coeffs=(), reuse="residual", metric_dtype="float32",
+        metric="timestep",  # FlowCache's and TeaCache's SkyReels rules read the time modulation e0 ("input": the
+        #                     blocks' patch embeddings, compared in the graph like MAGI-1's)
+        counter="intended",  # window TeaCache: "reference" = upstream's call counter (fixture README, defect 5)
+        use_ret_steps=True, semantics="intended", ratios=(), max_skips=4))
     return c

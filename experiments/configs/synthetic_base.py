@@ -19,5 +19,6 @@ def get_base(name: str, policy: str, threshold: float = 0.0) -> ml_collections.C
         name=policy, threshold=threshold, warmup=5, coeffs=(),
         reuse="displacement",  # "displacement" (MAGI: replay the latent step) or "residual" (SkyReels)
         metric_dtype="float32",  # "bfloat16" reproduces the MAGI reference's metric rounding
-        ratios=(), max_skips=4))  # MagCache: calibrated ratios per step (empty: calibrate), skip cap
+        ratios=(), max_skips=4,  # MagCache: calibrated ratios per step (empty: calibrate), skip cap
+        metric="input", semantics="intended"))
     return c

@@ -7,10 +7,12 @@ un-batched ``lax.cond``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class StepInfo(NamedTuple):
@@ -36,17 +38,43 @@ class Decision(NamedTuple):
 
 
 class Policy(Protocol):
+    """A rule with two kinds of settings: its *structure* (which rule, how many coefficients: fixed in a compiled
+    stage function) and its *knobs* (threshold, warm-up, coefficient values: arguments of that function, so a
+    sweep over them compiles once)."""
+
     name: str
+
+    def knobs(self) -> dict[str, Any]:
+        """The runtime values the rule reads (numpy scalars / arrays)."""
 
     def init_global(self) -> Any:
         """Policy-global state (e.g. TeaCache's single accumulator)."""
 
-    def decide(self, acc: jax.Array, glob: Any, info: StepInfo) -> Decision:
-        """Compute-or-reuse per position, new accumulators."""
+    def decide(self, acc: jax.Array, glob: Any, info: StepInfo, knobs: dict | None = None) -> Decision:
+        """Compute-or-reuse per position, new accumulators (``knobs`` None: this policy's own)."""
 
 
-def rescale(rel: jax.Array, coeffs: tuple[float, ...]) -> jax.Array:
-    """TeaCache's polynomial rescale of the raw metric (coefficients highest power first)."""
-    if not coeffs:
+def structure(policy: Any) -> tuple:
+    """What a compiled stage function depends on: the rule and the shapes of its knobs, not their values. A host
+    policy's decisions reach it as a table, so every host policy has the same structure."""
+    if getattr(policy, "host", False):
+        return ("host",)
+    shapes = tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in sorted(policy.knobs().items()))
+    static = tuple((f.name, getattr(policy, f.name)) for f in dataclasses.fields(policy)
+                   if f.name not in policy.knobs() and f.name not in RUNTIME_FIELDS)
+    return (type(policy).__name__, static, shapes)
+
+
+RUNTIME_FIELDS = ("threshold", "warmup", "coeffs", "ratios", "max_skips")  # fields carried by knobs()
+
+
+def base_knobs(threshold: float, warmup: int, coeffs: tuple[float, ...] = ()) -> dict[str, np.ndarray]:
+    return {"threshold": np.float32(threshold), "warmup": np.int32(warmup),
+            "coeffs": np.asarray(coeffs, np.float32).reshape(-1)}
+
+
+def rescale(rel: jax.Array, coeffs: Any) -> jax.Array:
+    """TeaCache's polynomial rescale of the raw metric (coefficients highest power first; none: identity)."""
+    if np.shape(coeffs)[0] == 0:
         return rel
     return jnp.polyval(jnp.asarray(coeffs, jnp.float32), rel)

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flowcache_jax.policies.base import FORCED, NEW, REUSED, THRESHOLD, WARMUP, Decision, StepInfo
+from flowcache_jax.policies.base import FORCED, NEW, REUSED, THRESHOLD, WARMUP, Decision, StepInfo, base_knobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,15 +28,19 @@ class FirstBlockCache:
     features: str = "first_block"  # the sampler probes the first block for the metric
     anchor: str = "computed"  # previous features are kept from the last computed step
 
+    def knobs(self) -> dict:
+        return base_knobs(self.threshold, self.warmup)
+
     def init_global(self) -> Any:
         return jnp.zeros((), jnp.float32)
 
-    def decide(self, acc: jax.Array, glob: Any, info: StepInfo) -> Decision:
+    def decide(self, acc: jax.Array, glob: Any, info: StepInfo, knobs: dict | None = None) -> Decision:
+        kn = self.knobs() if knobs is None else knobs
         rel = info.diff_l1 / (info.prev_l1 + self.eps)
         forced = info.global_first | info.global_last
         new = ~info.present
-        warm = info.k < self.warmup
-        reuse = info.active & ~forced & ~new & ~warm & (rel < self.threshold)
+        warm = info.k < kn["warmup"]
+        reuse = info.active & ~forced & ~new & ~warm & (rel < kn["threshold"])
         acc_new = jnp.where(info.active & ~new, rel, acc).astype(jnp.float32)
         reason = jnp.select([forced, new, warm, reuse], [FORCED, NEW, WARMUP, REUSED], THRESHOLD).astype(jnp.int8)
         return Decision(compute=info.active & ~reuse, acc=acc_new, glob=glob, reason=reason)

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flowcache_jax.policies.base import FORCED, NEW, REUSED, THRESHOLD, WARMUP, Decision, StepInfo, rescale
+from flowcache_jax.policies.base import FORCED, NEW, REUSED, THRESHOLD, WARMUP, Decision, StepInfo, base_knobs, rescale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,16 +27,20 @@ class FlowCache:
     coeffs: tuple[float, ...] = ()  # optional polynomial rescale (SkyReels variant); empty = none
     name: str = "flowcache"
 
+    def knobs(self) -> dict:
+        return base_knobs(self.threshold, self.warmup, self.coeffs)
+
     def init_global(self) -> Any:
         return jnp.zeros((), jnp.float32)
 
-    def decide(self, acc: jax.Array, glob: Any, info: StepInfo) -> Decision:
-        rel = rescale(info.diff_l1 / (info.prev_l1 + self.eps), self.coeffs)
+    def decide(self, acc: jax.Array, glob: Any, info: StepInfo, knobs: dict | None = None) -> Decision:
+        kn = self.knobs() if knobs is None else knobs
+        rel = rescale(info.diff_l1 / (info.prev_l1 + self.eps), kn["coeffs"])
         forced = info.global_first | info.global_last
         new = ~info.present
-        warm = info.k < self.warmup
+        warm = info.k < kn["warmup"]
         a = acc + rel
-        reuse = info.active & ~forced & ~new & ~warm & (a < self.threshold)
+        reuse = info.active & ~forced & ~new & ~warm & (a < kn["threshold"])
         keep = forced | new | ~info.active
         new_acc = jnp.where(keep, acc, jnp.where(reuse, a, 0.0))
         reason = jnp.select([forced, new, warm, reuse], [FORCED, NEW, WARMUP, REUSED], THRESHOLD).astype(jnp.int8)

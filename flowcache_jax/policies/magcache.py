@@ -53,20 +53,27 @@ class MagCache:
         if len(self.ratios) < 2:
             raise ValueError("MagCache needs calibrated ratios (one per local step); run an uncached calibration")
 
+    def knobs(self) -> dict:
+        """The error table is built on the host from the ratios; it is a knob, like the threshold."""
+        return {"threshold": np.float32(self.threshold), "warmup": np.int32(self.warmup),
+                "max_skips": np.int32(self.max_skips),
+                "table": np.minimum(error_table(np.asarray(self.ratios)), 1e30).astype(np.float32)}
+
     def init_global(self) -> Any:
         return jnp.zeros((), jnp.float32)
 
-    def decide(self, acc: jax.Array, glob: Any, info: StepInfo) -> Decision:
+    def decide(self, acc: jax.Array, glob: Any, info: StepInfo, knobs: dict | None = None) -> Decision:
+        kn = self.knobs() if knobs is None else knobs
         n = len(self.ratios)
-        table = jnp.asarray(np.minimum(error_table(np.asarray(self.ratios)), 1e30), jnp.float32)
+        table = jnp.asarray(kn["table"], jnp.float32)
         last = jnp.clip(acc.astype(jnp.int32), 0, n - 1)  # acc holds the chunk's last computed local step
         k = jnp.clip(info.k, 0, n - 1)
         err = table[last, k]
         forced = info.global_first | info.global_last
         new = ~info.present
-        warm = info.k < self.warmup
-        reuse = (info.active & ~forced & ~new & ~warm & (k > last) & (k - last <= self.max_skips)
-                 & (err < self.threshold))
+        warm = info.k < kn["warmup"]
+        reuse = (info.active & ~forced & ~new & ~warm & (k > last) & (k - last <= kn["max_skips"])
+                 & (err < kn["threshold"]))
         acc_new = jnp.where(info.active & ~reuse, info.k.astype(jnp.float32), acc)
         reason = jnp.select([forced, new, warm, reuse], [FORCED, NEW, WARMUP, REUSED], THRESHOLD).astype(jnp.int8)
         return Decision(compute=info.active & ~reuse, acc=acc_new.astype(jnp.float32), glob=glob, reason=reason)

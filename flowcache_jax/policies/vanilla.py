@@ -15,8 +15,11 @@ from flowcache_jax.policies.base import FORCED, Decision, StepInfo
 class Vanilla:
     name: str = "vanilla"
 
+    def knobs(self) -> dict:
+        return {}
+
     def init_global(self) -> Any:
         return jnp.zeros((), jnp.float32)
 
-    def decide(self, acc: jax.Array, glob: Any, info: StepInfo) -> Decision:
+    def decide(self, acc: jax.Array, glob: Any, info: StepInfo, knobs: dict | None = None) -> Decision:
         return Decision(compute=info.active, acc=acc, glob=glob, reason=jnp.full(acc.shape, FORCED, jnp.int8))

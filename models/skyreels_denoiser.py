@@ -1,0 +1,203 @@
+"""SkyReels-V2 seen block by block: the Denoiser protocol of the one sampler over ``models.skyreels_v2``.
+
+A diffusion-forcing window of ``groups`` causal blocks is one sampler window; a block ("group") is a chunk.
+Two executors, both driven by ``flowcache_jax.sampler``:
+
+- ``groups`` (FlowCache's): each block is its own forward, oldest first, over a per-branch K/V buffer —
+  block g writes its slot and attends to slots 0..g, fresh where rerun this call and stale otherwise. Blocks
+  the schedule does not run (finished, not started) cost nothing.
+- ``window`` (upstream's, ``forward_window``): one DiT call over the whole window, block-causal or full.
+
+Classifier-free guidance is two branches (0: prompt, 1: negative prompt) with their own K/V and residual
+caches, combined by ``combine`` with the guidance scale from ``cond``. Long-video prefix blocks get
+``(1 - a)·x + a·eps`` (a = 0.001·addnoise_condition, eps per iteration from ``cond["eps"]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowcache_jax.denoiser import ChunkOutput, SlotInfo
+from models.layers import dense
+from models.skyreels_v2 import (
+    SkyReelsConfig,
+    head,
+    patchify,
+    rope_tables,
+    run_blocks,
+    text_embed,
+    time_conditions,
+    unpatchify,
+)
+
+EXECUTORS = ("groups", "window")
+
+
+@dataclasses.dataclass(frozen=True)
+class SkyReelsDenoiser:
+    cfg: SkyReelsConfig
+    groups: int  # causal blocks in the window (the sampler's window)
+    block: int  # latent frames per block
+    latent_h: int
+    latent_w: int
+    executor: str = "groups"
+    attention: str = "block_causal"  # the window executor's self-attention: "block_causal" or "full"
+    key_tile: int = 4096
+    branches: int = 2
+
+    def __post_init__(self):
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
+        if self.attention not in ("block_causal", "full"):
+            raise ValueError(f"attention must be block_causal or full, got {self.attention!r}")
+        if self.executor == "groups" and self.attention != "block_causal":
+            raise ValueError("the groups executor is block-causal by construction: use attention=block_causal")
+
+    @property
+    def chunk_shape(self) -> tuple[int, int, int, int]:
+        return (self.cfg.in_dim, self.block, self.latent_h, self.latent_w)
+
+    @property
+    def hw(self) -> int:
+        _, ph, pw = self.cfg.patch_size
+        return (self.latent_h // ph) * (self.latent_w // pw)
+
+    @property
+    def tokens_per_group(self) -> int:
+        return self.block // self.cfg.patch_size[0] * self.hw
+
+    def _rope(self) -> tuple[np.ndarray, np.ndarray]:
+        pt, ph, pw = self.cfg.patch_size
+        return rope_tables(self.cfg.head_dim, self.groups * self.block // pt, self.latent_h // ph,
+                           self.latent_w // pw)
+
+    # ----- conditions -----------------------------------------------------------------------------
+    def prepare_cond(self, params: dict, context: jax.Array, negative_context: jax.Array, fps: int,
+                     guidance: float, addnoise_condition: int = 0) -> dict:
+        """The run's conditions: both text embeddings once, fps index, guidance and addnoise as traced values."""
+        embed = _text_fn(self.cfg)
+        return {"ctx": (embed(params, jnp.asarray(context)), embed(params, jnp.asarray(negative_context))),
+                "fps": jnp.int32(fps), "guidance": jnp.float32(guidance),
+                "a": jnp.float32(0.001 * addnoise_condition)}
+
+    @staticmethod
+    def window_cond(cond: dict, prefix_groups: int, eps: np.ndarray | None, iterations: int,
+                    prefix_slots: int, eps_shape: tuple[int, ...]) -> dict:
+        """``cond`` of one DF window: its prefix block count and addnoise noise [I, slots, C, block, h, w] (zeros
+        where unused, so that windows with and without a prefix share one compiled function)."""
+        e = np.zeros((iterations, max(prefix_slots, 1), *eps_shape), np.float32)
+        if eps is not None:
+            e[: eps.shape[0], : eps.shape[1]] = eps
+        return {**cond, "prefix_groups": jnp.int32(prefix_groups), "eps": jnp.asarray(e)}
+
+    # ----- the Denoiser protocol ------------------------------------------------------------------
+    def sample_noise(self, key: jax.Array, batch: int) -> jax.Array:
+        return jax.random.normal(key, (batch, *self.chunk_shape), jnp.float32)
+
+    def init_kv(self, batch: int, window: int) -> tuple:
+        """Per branch (K, V) [layers, groups · tokens, heads, head_dim]; the window executor needs none."""
+        if batch != 1:
+            raise ValueError("SkyReels-V2 runs one video at a time (batch=1)")
+        if self.executor == "window":
+            return ()
+        c = self.cfg
+        shape = (c.num_layers, self.groups * self.tokens_per_group, c.num_heads, c.head_dim)
+        return tuple((jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(self.branches))
+
+    def _model_t(self, t: jax.Array) -> jax.Array:
+        """The integer model timestep the schedule encoded as t = 1 - model_t / 1000."""
+        return jnp.round((1.0 - t) * 1000.0)
+
+    def _input(self, cond: dict, x: jax.Array, position: jax.Array, step: jax.Array) -> jax.Array:
+        """A prefix block's input is its latent noised with the iteration's eps; the others' their latent."""
+        prefix = position < cond["prefix_groups"]
+        slots = cond["eps"].shape[1]
+        eps = cond["eps"][step, jnp.clip(position, 0, slots - 1)][None]
+        return jnp.where(prefix, x * (1 - cond["a"]) + eps * cond["a"], x)
+
+    def _embed(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo) -> tuple[jax.Array, dict]:
+        tok = patchify(self.cfg, self._input(cond, x, info.position, info.step)[0])
+        frames = self.block // self.cfg.patch_size[0]
+        tc = time_conditions(self.cfg, params, jnp.full((frames,), self._model_t(info.t)), cond["fps"])
+        return dense(tok, params["patch"], jnp.float32), tc
+
+    def _velocity(self, params: dict, h: jax.Array, e: jax.Array) -> jax.Array:
+        y = head(self.cfg, params, h, e, jnp.arange(h.shape[0]) // self.hw)
+        return unpatchify(self.cfg, y, self.block, self.latent_h, self.latent_w)[None]
+
+    def metric_features(self, params: dict, x: jax.Array, t: jax.Array) -> jax.Array:
+        """The block's patch embedding (the input-feature metric of the chunkwise policies)."""
+        return dense(patchify(self.cfg, x[0]), params["patch"], jnp.float32)[None]
+
+    def forward_chunk(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: tuple
+                      ) -> tuple[ChunkOutput, tuple]:
+        h_in, tc = self._embed(params, cond, x, info)
+        n, g, b = self.tokens_per_group, info.position, info.branch
+        cos, sin = (jax.lax.dynamic_slice_in_dim(jnp.asarray(a), g * n, n) for a in self._rope())
+        ranges = jnp.broadcast_to(jnp.stack([jnp.int32(0), (g + 1) * n]), (n, 1, 2))
+        h_out, kv_b, _ = run_blocks(self.cfg, params, h_in, tc["e0"], jnp.arange(n) // self.hw, cond["ctx"][b], cos,
+                                    sin, ranges, self.key_tile, kv=kv[b], write_start=g * n)
+        kv = tuple(kv_b if i == b else kv[i] for i in range(len(kv)))
+        return ChunkOutput(velocity=self._velocity(params, h_out, tc["e"]), residual=h_out - h_in), kv
+
+    def velocity_from_residual(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo,
+                               residual: jax.Array) -> jax.Array:
+        h_in, tc = self._embed(params, cond, x, info)
+        return self._velocity(params, h_in + residual, tc["e"])
+
+    def combine(self, params: dict, cond: dict, velocities: list) -> jax.Array:
+        v_c, v_u = velocities
+        return v_u + cond["guidance"] * (v_c - v_u)
+
+    def forward_window(self, params: dict, cond: dict, x: jax.Array, infos: SlotInfo, kv: tuple
+                       ) -> tuple[jax.Array, jax.Array, tuple]:
+        """One DiT call over the whole window (positions = blocks in order): velocity and residual per block."""
+        c, cfg = self.cfg, self.cfg
+        w, pt = x.shape[0], c.patch_size[0]
+        x_in = jax.vmap(lambda xi, pos: self._input(cond, xi, pos, infos.step))(x, infos.position)
+        full = jnp.moveaxis(x_in[:, 0], 0, 1).reshape(c.in_dim, w * self.block, self.latent_h, self.latent_w)
+        t = jnp.repeat(self._model_t(infos.t), self.block // pt)
+        h_in = dense(patchify(cfg, full), params["patch"], jnp.float32)
+        tc = time_conditions(cfg, params, t, cond["fps"])
+        n = h_in.shape[0]
+        frame_of = jnp.arange(n) // self.hw
+        ranges = None
+        if self.attention == "block_causal":
+            end = (frame_of // (self.block // pt) + 1) * self.tokens_per_group
+            ranges = jnp.stack([jnp.zeros_like(end), end], -1)[:, None, :]
+        cos, sin = (jnp.asarray(a) for a in self._rope())
+        h, _, _ = run_blocks(cfg, params, h_in, tc["e0"], frame_of, cond["ctx"][infos.branch], cos, sin, ranges,
+                             self.key_tile)
+        y = unpatchify(cfg, head(cfg, params, h, tc["e"], frame_of), w * self.block, self.latent_h, self.latent_w)
+        v = jnp.moveaxis(y.reshape(c.out_dim, w, self.block, self.latent_h, self.latent_w), 1, 0)[:, None]
+        return v, (h - h_in).reshape(w, self.tokens_per_group, c.dim), kv
+
+    def timestep_features(self, params: dict, cond: dict, table) -> dict:
+        """Host arrays of the rules that read only the timesteps: per step, block and frame, e0 [.., 6, D] and
+        e [.., D] of the conditioning time, float64. Computed frame by frame, one call per step, as the references
+        do (their rules threshold differences of nearly equal values, so the rounding of e0 matters)."""
+        fn = _time_fn(self.cfg)
+        frames = self.block // self.cfg.patch_size[0]
+        t = np.asarray(self._model_t(jnp.asarray(table.t.reshape(-1, table.window))))
+        e0, e = [], []
+        for row in t:
+            tc = fn(params, jnp.asarray(np.repeat(row, frames)), cond["fps"])
+            e0.append(np.asarray(tc["e0"], np.float64))
+            e.append(np.asarray(tc["e"], np.float64))
+        shape = (*table.t.shape, frames)
+        return {"e0": np.stack(e0).reshape(*shape, *e0[0].shape[1:]), "e": np.stack(e).reshape(*shape, -1)}
+
+
+@functools.lru_cache(maxsize=16)
+def _text_fn(cfg: SkyReelsConfig):
+    return jax.jit(lambda p, ctx: text_embed(cfg, p, ctx))
+
+
+@functools.lru_cache(maxsize=16)
+def _time_fn(cfg: SkyReelsConfig):
+    return jax.jit(lambda p, t, fps: time_conditions(cfg, p, t, fps))
