@@ -74,7 +74,8 @@ def main(argv: list[str]) -> None:
         "chunk_forwards": {"vanilla": van.computed, cfg.name: cac.computed},
         "flops": fl,
         "vs_vanilla": common.compare(r, cac, frames[cfg.name], van, frames["vanilla"]),
-        "compiles": compiles_at_lengths(cfg, [n, 2 * n]),
+        "compiles": {**compiles_at_lengths(cfg, [n, 2 * n]),
+                     "timed_runs": {k: r.compiles for k, r in runs.items()}},  # the side-by-side runs' own
         "forwards": {"vanilla": van.chunk_forwards_vanilla, "structure_skipped": cac.structure_skipped,
                      "cache_skipped": cac.cache_skipped, "computed": cac.computed},
     }

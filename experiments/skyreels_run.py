@@ -159,8 +159,10 @@ def build_skyreels(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) 
 
     def make(groups: int) -> Sampler:
         solver = FlowUniPC(sigmas, reference_aliasing=bool(s.get("reference_aliasing", True)))
+        timestep = cfg.policy.get("metric", "input") == "timestep"  # no input features to compute then
         return Sampler(denoiser(groups), policy, groups, 1, reuse="residual", metric_dtype=cfg.policy.metric_dtype,
-                       solver=solver, joint=executor == "window")
+                       solver=solver, joint=executor == "window", features="none" if timestep else None,
+                       identity_ring=True)
 
     # the FlowCache fork runs a long-video prefix block on the first call only, and only when ar_step > 0
     # (its overlap flag; fixture README, defect 3); upstream reruns it at every call

@@ -62,5 +62,7 @@ class Denoiser(Protocol):
     # each branch is its own forward (``info.branch``) with its own cache, skipped or not on its own.
     # Optional: ``forward_window(params, cond, x [W, B, ...], infos, kv) -> (velocity, residual, kv)`` per position:
     # the whole window as one model call (the sampler's ``joint`` execution).
+    # Optional: ``step_conditions(params, cond, t [P, W]) -> pytree [P, ...]``: per-step conditions of every position
+    # computed once per stage (vectorised); a step's slice reaches the forwards as ``cond["step"]``.
     # Optional: ``timestep_features(params, cond, table) -> dict`` of host arrays for rules that read only the
     # timesteps (their decisions are made on the host before the run).

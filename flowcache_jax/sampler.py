@@ -94,16 +94,13 @@ def _mean_abs(x: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(x).reshape(x.shape[0], -1).astype(jnp.float32), axis=1)
 
 
-def _tree_where(c: jax.Array, a: Any, b: Any) -> Any:
-    return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
-
-
 class Sampler:
     """Binds a denoiser, a policy, a solver and a window; compiles the stage function once per shape."""
 
     def __init__(self, denoiser: Denoiser, policy: Policy, window: int, batch: int = 1,
                  reuse: str = "displacement", metric_dtype: str = "float32", reencode_clean: bool = False,
-                 solver: Any = None, joint: bool = False):
+                 solver: Any = None, joint: bool = False, features: str | None = None,
+                 identity_ring: bool = False):
         if reuse not in REUSE_MODES:
             raise ValueError(f"reuse must be one of {REUSE_MODES}, got {reuse!r}")
         if metric_dtype not in METRIC_DTYPES:
@@ -112,9 +109,15 @@ class Sampler:
         self.solver = Euler() if solver is None else solver
         self.branches = int(getattr(denoiser, "branches", 1))
         self.host = bool(getattr(policy, "host", False))  # decisions from a table made on the host
-        self.features = "none" if self.host else getattr(policy, "features", "input")
+        # what the step computes for the policy: "input" features, a "first_block" probe, or "none" (host tables; a
+        # caller whose rules read other features, e.g. SkyReels' timestep metric, says so with ``features``)
+        self.features = "none" if self.host else (features or getattr(policy, "features", "input"))
+        self.identity_ring = identity_ring  # position j always holds chunk j in slot j (a DF window): no gathers
         self.anchor = getattr(policy, "anchor", "previous")  # compare with the previous or last computed step
         self.joint = joint
+        # CFG branches as one batched forward where the model can and the policy decides alike for all branches
+        self.branch_alike = (self.branches > 1 and hasattr(denoiser, "forward_branches")
+                             and bool(getattr(policy, "branch_alike", True)))
         if self.features == "first_block" and not hasattr(denoiser, "probe_features"):
             raise ValueError(f"policy {policy.name!r} probes the first block, which {type(denoiser).__name__} "
                              "does not have (use a transformer model such as MAGI-1)")
@@ -207,7 +210,7 @@ class Sampler:
         held = chunk >= 0
         ring = jnp.where(held, chunk % w, 0)
         ring_drop = jnp.where(active, chunk % w, w)  # out of range -> scatter dropped
-        x = state.latents[ring]
+        x = state.latents if self.identity_ring else state.latents[ring]
         window_end = jnp.max(jnp.where(held, chunk, -1)) + 1
 
         def info_of(j, b):
@@ -227,7 +230,7 @@ class Sampler:
             state, ran, upd, vel_l1 = self._joint(params, cond, state, row, x, ring, held, per_branch, consts)
             calls = jnp.where(held[None, :], ran[:, None].astype(jnp.int8), jnp.int8(-1))
         else:
-            state, ran, upd, vel_l1 = self._positions(params, cond, state, row, ring, run_pos, per_branch, info_of,
+            state, ran, upd, vel_l1 = self._positions(params, cond, state, row, x, ring, run_pos, per_branch, info_of,
                                                       consts)
             calls = jnp.where(run_pos[None, :], ran.astype(jnp.int8), jnp.int8(-1))
         # The metric's anchor: every step's features, or (FirstBlockCache) those of the last computed step.
@@ -248,50 +251,74 @@ class Sampler:
                "prev_l1": jnp.where(info.present, info.prev_l1, nan), "velocity_l1": vel_l1}
         return state, rec
 
-    def _advance(self, xj: jax.Array, v: jax.Array, st: Any, slot: SlotInfo, consts: dict, update: jax.Array
-                 ) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
-        """The solver's step for a chunk being updated (others keep latent and solver state) and its records."""
-        x_new, st_new = self.solver.update(st, xj, v, slot.dt, consts)
-        x_new, st_new = jnp.where(update, x_new, xj), _tree_where(update, st_new, st)
-        return x_new, st_new, *self._update_records(xj, x_new, slot.dt, update)
-
-    @staticmethod
-    def _update_records(xj, x_new, dt, update):
-        step_l1 = jnp.mean(jnp.abs(x_new - xj))
-        upd = step_l1 / jnp.maximum(jnp.mean(jnp.abs(xj)), 1e-30)
+    def _apply(self, state: SamplerState, x: jax.Array, v: jax.Array, computed: jax.Array, row: dict,
+               ring: jax.Array, held: jax.Array, consts: dict) -> tuple[SamplerState, jax.Array, jax.Array]:
+        """The step's updates of every position at once, after its forwards and replays: the solver (or the replayed
+        displacement) for the chunks being updated; the others keep latent and solver state. Chunk j's latent is
+        read by no other position within the step, so deferring its update to here changes nothing."""
+        w, active, dt = self.window, row["active"], row["dt"]
+        sol = state.solver if self.identity_ring else jax.tree.map(lambda a: a[ring], state.solver)
+        x_new, st_new = jax.vmap(lambda xi, vi, si, di: self.solver.update(si, xi, vi, di, consts))(x, v, sol, dt)
+        cache = None
+        if self.reuse == "displacement":  # a reused chunk replays its last displacement verbatim
+            cache = state.cache if self.identity_ring else state.cache[ring]
+            back = computed.reshape((w,) + (1,) * (x.ndim - 1))
+            x_new = jnp.where(back, x_new, x + cache.astype(x.dtype))
+            cache = jnp.where(back, (x_new - x).astype(cache.dtype), cache)
+        upd = active.reshape((w,) + (1,) * (x.ndim - 1))
+        x_new = jnp.where(upd, x_new, x)
+        st_new = jax.tree.map(lambda n, o: jnp.where(active.reshape((w,) + (1,) * (n.ndim - 1)), n, o), st_new, sol)
+        step_l1 = jnp.mean(jnp.abs(x_new - x).reshape(w, -1), axis=1)
+        rel = step_l1 / jnp.maximum(jnp.mean(jnp.abs(x).reshape(w, -1), axis=1), 1e-30)
         vel = jnp.where(dt != 0, step_l1 / jnp.abs(jnp.where(dt != 0, dt, 1.0)), jnp.nan)
         nan = jnp.float32(jnp.nan)
-        return jnp.where(update, upd, nan), jnp.where(update, vel, nan).astype(jnp.float32)
+        rel, vel = jnp.where(active, rel, nan), jnp.where(active, vel, nan).astype(jnp.float32)
+        if self.identity_ring:
+            state = state.replace(latents=x_new, solver=st_new, cache=state.cache if cache is None else cache)
+        else:
+            drop = jnp.where(active, ring, w)  # only updated chunks are written back
+            state = state.replace(latents=state.latents.at[drop].set(x_new, mode="drop"),
+                                  solver=jax.tree.map(lambda a, s: a.at[drop].set(s, mode="drop"), state.solver,
+                                                      st_new))
+            if cache is not None:
+                state = state.replace(cache=state.cache.at[drop].set(cache, mode="drop"))
+        return state, rel, vel
 
-    def _positions(self, params, cond, state, row, ring, run_pos, per_branch, info_of, consts):
-        """Per position, oldest first: an un-batched cond per CFG branch (forward or replay), then the solver."""
+    def _positions(self, params, cond, state, row, x, ring, run_pos, per_branch, info_of, consts):
+        """Per position, oldest first: an un-batched cond per CFG branch (forward or replay); then ``_apply``."""
         d, nb, w = self.denoiser, self.branches, self.window
         active = row["active"]
+        zero_v = jnp.zeros_like(x[0])
+        batched = self.branch_alike and d.batches_branches(cond)
 
         def position(carry, j):
             def run(carry):
-                latents, cache, has_cache, solver, kv, n = carry
-                r = ring[j]
-                xj, st = _take(latents, r), jax.tree.map(lambda a: _take(a, r), solver)
+                cache, has_cache, kv, n = carry
+                r, xj = ring[j], x[j]
                 if self.reuse == "displacement":  # one decision for all branches: replay the whole step
-                    cj = _take(cache, r)
-                    slot = info_of(j, 0)
-
                     def forward(kv):
                         outs = []
                         for b in range(nb):
                             out, kv = d.forward_chunk(params, cond, xj, info_of(j, b), kv)
                             outs.append(out.velocity)
                         v = outs[0] if nb == 1 else d.combine(params, cond, outs)
-                        x_new, _ = self.solver.update(st, xj, v, slot.dt, consts)
-                        return x_new, (x_new - xj).astype(cj.dtype), kv, jnp.full((nb,), 1, jnp.int32)
+                        return v.astype(zero_v.dtype), kv, jnp.ones((nb,), jnp.int32)
+
+                    v, kv, ran = jax.lax.cond(per_branch[0, j], forward,
+                                              lambda kv: (zero_v, kv, jnp.zeros((nb,), jnp.int32)), kv)
+                elif batched:  # both branches decide alike: one batched forward (or replay) for both
+                    cj = _take(cache, r)
+                    slot = info_of(j, 0)
+
+                    def forward(kv):
+                        vb, res, kv = d.forward_branches(params, cond, xj, slot, kv)
+                        return vb, res.astype(cj.dtype), kv, jnp.ones((nb,), jnp.int32)
 
                     def replay(kv):
-                        return xj + cj, cj, kv, jnp.zeros((nb,), jnp.int32)
+                        return d.velocity_branches(params, cond, xj, slot, cj), cj, kv, jnp.zeros((nb,), jnp.int32)
 
-                    x_new, c_new, kv, ran = jax.lax.cond(per_branch[0, j], forward, replay, kv)
-                    upd, vel = self._update_records(xj, x_new, slot.dt, active[j])
-                    x_new = jnp.where(active[j], x_new, xj)
+                    vb, c_new, kv, ran = jax.lax.cond(per_branch[0, j], forward, replay, kv)
+                    v = d.combine(params, cond, [vb[b] for b in range(nb)]).astype(zero_v.dtype)
                     cache = _put(cache, r, c_new)
                 else:
                     vs, rans, cs = [], [], []
@@ -307,39 +334,49 @@ class Sampler:
                             v = d.velocity_from_residual(params, cond, xj, slot, cb)
                             return v, cb, kv, jnp.zeros((), jnp.int32)
 
-                        v, c_new, kv, ran_b = jax.lax.cond(per_branch[b, j], forward, replay, kv)
-                        vs.append(v)
+                        v_b, c_new, kv, ran_b = jax.lax.cond(per_branch[b, j], forward, replay, kv)
+                        vs.append(v_b)
                         cs.append(c_new)
                         rans.append(ran_b)
-                    v = vs[0] if nb == 1 else d.combine(params, cond, vs)
+                    v = (vs[0] if nb == 1 else d.combine(params, cond, vs)).astype(zero_v.dtype)
                     ran = jnp.stack(rans)
-                    x_new, st_new, upd, vel = self._advance(xj, v, st, info_of(j, 0), consts, active[j])
-                    solver = jax.tree.map(lambda a, s: _put(a, r, s), solver, st_new)
                     cache = _put(cache, r, jnp.stack(cs))
-                carry = (_put(latents, r, x_new), cache, has_cache.at[r].set(has_cache[r] | (jnp.all(ran > 0)
-                                                                                        & active[j])),
-                         solver, kv, n + jnp.sum(ran))
-                return carry, (upd, vel, ran)
+                has_cache = has_cache.at[r].set(has_cache[r] | (jnp.all(ran > 0) & active[j]))
+                return (cache, has_cache, kv, n + jnp.sum(ran)), (v, ran)
 
-            nan = jnp.float32(jnp.nan)
-            return jax.lax.cond(run_pos[j], run, lambda c: (c, (nan, nan, jnp.zeros((nb,), jnp.int32))), carry)
+            return jax.lax.cond(run_pos[j], run, lambda c: (c, (zero_v, jnp.zeros((nb,), jnp.int32))), carry)
 
-        carry = (state.latents, state.cache, state.has_cache, state.solver, state.kv, state.computed)
-        (latents, cache, has_cache, solver, kv, computed), (upd, vel_l1, ran) = jax.lax.scan(
-            position, carry, jnp.arange(w))
-        state = state.replace(latents=latents, cache=cache, has_cache=has_cache, solver=solver, kv=kv,
-                              computed=computed)
-        return state, ran.T, upd, vel_l1
+        carry = (state.cache, state.has_cache, state.kv, state.computed)
+        (cache, has_cache, kv, computed), (v, ran) = jax.lax.scan(position, carry, jnp.arange(w))
+        state = state.replace(cache=cache, has_cache=has_cache, kv=kv, computed=computed)
+        state, upd, vel = self._apply(state, x, v, ran[:, 0] > 0, row, ring, row["chunk"] >= 0, consts)
+        return state, ran.T, upd, vel
 
     def _joint(self, params, cond, state, row, x, ring, held, per_branch, consts):
-        """One forward of the whole window per CFG branch (reused as a whole), then the solver per position."""
+        """One forward of the whole window per CFG branch (reused as a whole), then ``_apply``."""
         d, nb, w = self.denoiser, self.branches, self.window
         active = row["active"]
         infos = SlotInfo(chunk=row["chunk"], k=row["k"], t=row["t"], dt=row["dt"], position=jnp.arange(w),
                          window_end=jnp.max(jnp.where(held, row["chunk"], -1)) + 1, step=state.step, branch=0)
-        cache = state.cache[ring]  # [W, branches, ...]
+        cache = state.cache if self.identity_ring else state.cache[ring]  # [W, branches, ...]
         kv, vs, rans, cs = state.kv, [], [], []
-        for b in range(nb):
+        if self.branch_alike and d.batches_branches(cond):  # both branches decide alike: one batched call
+            def forward(kv):
+                v, res, kv = d.window_branches(params, cond, x, infos, kv)
+                res = jnp.moveaxis(res, 0, 1).astype(cache.dtype)
+                return jnp.moveaxis(v, 0, 1), res, kv, jnp.ones((nb,), jnp.int32)
+
+            def replay(kv):
+                def one(xi, c, k, t, dt, pos, ci):
+                    slot = SlotInfo(c, k, t, dt, pos, infos.window_end, state.step, 0)
+                    return d.velocity_branches(params, cond, xi, slot, ci)
+
+                v = jax.vmap(one)(x, row["chunk"], row["k"], row["t"], row["dt"], jnp.arange(w), cache)
+                return v, cache, kv, jnp.zeros((nb,), jnp.int32)
+
+            v, new_cache, kv, ran = jax.lax.cond(jnp.any(per_branch[0] & active), forward, replay, kv)
+            vs, cs, rans = [v[:, b] for b in range(nb)], [new_cache[:, b] for b in range(nb)], list(ran)
+        for b in range(0 if vs else nb):
             info_b = infos._replace(branch=b)
             cb = cache[:, b]
 
@@ -361,18 +398,17 @@ class Sampler:
             cs.append(c_new)
             rans.append(ran_b)
         v = vs[0] if nb == 1 else d.combine(params, cond, vs)
-        sol = jax.tree.map(lambda a: a[ring], state.solver)
-        x_new, st_new, upd, vel = jax.vmap(lambda xi, vi, si, dti, ai: self._advance(
-            xi, vi, si, SlotInfo(0, 0, 0.0, dti, 0, 0), consts, ai))(x, v, sol, row["dt"], active)
-        drop = jnp.where(held, ring, w)
         ran = jnp.stack(rans)
-        n_held = jnp.sum(held.astype(jnp.int32))
-        state = state.replace(
-            latents=state.latents.at[drop].set(x_new, mode="drop"),
-            cache=state.cache.at[drop].set(jnp.stack(cs, 1), mode="drop"),
-            solver=jax.tree.map(lambda a, s: a.at[drop].set(s, mode="drop"), state.solver, st_new),
-            has_cache=state.has_cache.at[drop].set(state.has_cache[ring] | jnp.all(ran > 0), mode="drop"), kv=kv,
-            computed=state.computed + n_held * jnp.sum(ran))
+        new_cache = jnp.stack(cs, 1)
+        if self.identity_ring:
+            state = state.replace(cache=new_cache, has_cache=state.has_cache | (held & jnp.all(ran > 0)))
+        else:
+            drop = jnp.where(held, ring, w)
+            state = state.replace(cache=state.cache.at[drop].set(new_cache, mode="drop"),
+                                  has_cache=state.has_cache.at[drop].set(state.has_cache[ring] | jnp.all(ran > 0),
+                                                                         mode="drop"))
+        state = state.replace(kv=kv, computed=state.computed + jnp.sum(held.astype(jnp.int32)) * jnp.sum(ran))
+        state, upd, vel = self._apply(state, x, v.astype(x.dtype), jnp.full((w,), True), row, ring, held, consts)
         return state, ran, upd, vel
 
     def _reencode(self, params: Any, cond: Any, state: SamplerState, chunks: jax.Array) -> SamplerState:
@@ -414,9 +450,13 @@ class Sampler:
                 neg = jnp.full((w,), -1, jnp.int8)
                 return state, {"decisions": jnp.full((nb, w), -1, jnp.int8), "chunk": jnp.full((nb, w), -1, jnp.int32),
                                "reason": neg, **{k: nan for k in _REC_NAN}}
-            return jax.lax.cond(row["step_valid"], lambda s: self._step(params, cond, s, row, knobs), skip, state)
+            # a model's per-step conditions (e.g. SkyReels' time embeddings of every block) ride along with the row
+            c = cond if "step_cond" not in row else {**cond, "step": row["step_cond"]}
+            return jax.lax.cond(row["step_valid"], lambda s: self._step(params, c, s, row, knobs), skip, state)
 
         rows = {k: tab[k] for k in _STEP_KEYS}
+        if hasattr(self.denoiser, "step_conditions"):  # computed once per stage for all its steps, vectorised
+            rows["step_cond"] = self.denoiser.step_conditions(params, cond, tab["t"])
         state, rec = jax.lax.scan(step, state, rows)
         if hasattr(self.denoiser, "end_stage"):  # e.g. KV compression when a chunk has finished
             state = state.replace(kv=self.denoiser.end_stage(params, state.kv, tab["finish"], tab["n_chunks"]))

@@ -81,7 +81,9 @@ class SkyReelsDenoiser:
                      guidance: float, addnoise_condition: int = 0) -> dict:
         """The run's conditions: both text embeddings once, fps index, guidance and addnoise as traced values."""
         embed = _text_fn(self.cfg)
-        return {"ctx": (embed(params, jnp.asarray(context)), embed(params, jnp.asarray(negative_context))),
+        ctx = (embed(params, jnp.asarray(context)), embed(params, jnp.asarray(negative_context)))
+        extra = {"ctx_both": jnp.stack(ctx)} if ctx[0].shape == ctx[1].shape else {}  # the branches can batch
+        return {"ctx": ctx, **extra,
                 "fps": jnp.int32(fps), "guidance": jnp.float32(guidance),
                 "a": jnp.float32(0.001 * addnoise_condition)}
 
@@ -100,14 +102,14 @@ class SkyReelsDenoiser:
         return jax.random.normal(key, (batch, *self.chunk_shape), jnp.float32)
 
     def init_kv(self, batch: int, window: int) -> tuple:
-        """Per branch (K, V) [layers, groups · tokens, heads, head_dim]; the window executor needs none."""
+        """(K, V) [branches, layers, groups · tokens, heads, head_dim]; the window executor needs none."""
         if batch != 1:
             raise ValueError("SkyReels-V2 runs one video at a time (batch=1)")
         if self.executor == "window":
             return ()
         c = self.cfg
-        shape = (c.num_layers, self.groups * self.tokens_per_group, c.num_heads, c.head_dim)
-        return tuple((jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(self.branches))
+        shape = (self.branches, c.num_layers, self.groups * self.tokens_per_group, c.num_heads, c.head_dim)
+        return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
 
     def _model_t(self, t: jax.Array) -> jax.Array:
         """The integer model timestep the schedule encoded as t = 1 - model_t / 1000."""
@@ -120,11 +122,25 @@ class SkyReelsDenoiser:
         eps = cond["eps"][step, jnp.clip(position, 0, slots - 1)][None]
         return jnp.where(prefix, x * (1 - cond["a"]) + eps * cond["a"], x)
 
+    def step_conditions(self, params: dict, cond: dict, t: jax.Array) -> dict:
+        """Every block's time embedding e [P, W, D] and modulation e0 [P, W, 6, D] for a stage's steps at once
+        (the blocks' frames share their time; both CFG branches and the whole-window call read them)."""
+        tc = time_conditions(self.cfg, params, self._model_t(t).reshape(-1), cond["fps"])
+        p, w = t.shape
+        return {"e": tc["e"].reshape(p, w, -1), "e0": tc["e0"].reshape(p, w, 6, -1)}
+
+    def _time(self, params: dict, cond: dict, info: SlotInfo) -> dict:
+        """The block's per-frame e [f, D] / e0 [f, 6, D]: from the step's conditions when the sampler gives them."""
+        frames = self.block // self.cfg.patch_size[0]
+        if "step" in cond:
+            sc = cond["step"]
+            return {k: jnp.repeat(jax.lax.dynamic_index_in_dim(sc[k], info.position, keepdims=True), frames, 0)
+                    for k in ("e", "e0")}
+        return time_conditions(self.cfg, params, jnp.full((frames,), self._model_t(info.t)), cond["fps"])
+
     def _embed(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo) -> tuple[jax.Array, dict]:
         tok = patchify(self.cfg, self._input(cond, x, info.position, info.step)[0])
-        frames = self.block // self.cfg.patch_size[0]
-        tc = time_conditions(self.cfg, params, jnp.full((frames,), self._model_t(info.t)), cond["fps"])
-        return dense(tok, params["patch"], jnp.float32), tc
+        return dense(tok, params["patch"], jnp.float32), self._time(params, cond, info)
 
     def _velocity(self, params: dict, h: jax.Array, e: jax.Array) -> jax.Array:
         y = head(self.cfg, params, h, e, jnp.arange(h.shape[0]) // self.hw)
@@ -134,16 +150,42 @@ class SkyReelsDenoiser:
         """The block's patch embedding (the input-feature metric of the chunkwise policies)."""
         return dense(patchify(self.cfg, x[0]), params["patch"], jnp.float32)[None]
 
+    def _blocks(self, params: dict, h_in: jax.Array, e0: jax.Array, ctx: jax.Array, k: jax.Array, v: jax.Array,
+                g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Block g's transformer pass over one branch's buffer: writes its slot, attends to slots 0..g."""
+        n = self.tokens_per_group
+        cos, sin = (jax.lax.dynamic_slice_in_dim(jnp.asarray(a), g * n, n) for a in self._rope())
+        ranges = jnp.broadcast_to(jnp.stack([jnp.int32(0), (g + 1) * n]), (n, 1, 2))
+        h_out, (k, v), _ = run_blocks(self.cfg, params, h_in, e0, jnp.arange(n) // self.hw, ctx, cos, sin, ranges,
+                                      self.key_tile, kv=(k, v), write_start=g * n)
+        return h_out, k, v
+
     def forward_chunk(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: tuple
                       ) -> tuple[ChunkOutput, tuple]:
         h_in, tc = self._embed(params, cond, x, info)
-        n, g, b = self.tokens_per_group, info.position, info.branch
-        cos, sin = (jax.lax.dynamic_slice_in_dim(jnp.asarray(a), g * n, n) for a in self._rope())
-        ranges = jnp.broadcast_to(jnp.stack([jnp.int32(0), (g + 1) * n]), (n, 1, 2))
-        h_out, kv_b, _ = run_blocks(self.cfg, params, h_in, tc["e0"], jnp.arange(n) // self.hw, cond["ctx"][b], cos,
-                                    sin, ranges, self.key_tile, kv=kv[b], write_start=g * n)
-        kv = tuple(kv_b if i == b else kv[i] for i in range(len(kv)))
+        b = info.branch
+        h_out, k, v = self._blocks(params, h_in, tc["e0"], cond["ctx"][b], kv[0][b], kv[1][b], info.position)
+        kv = (kv[0].at[b].set(k), kv[1].at[b].set(v))
         return ChunkOutput(velocity=self._velocity(params, h_out, tc["e"]), residual=h_out - h_in), kv
+
+    def batches_branches(self, cond: dict) -> bool:
+        """Both branches as one batched forward (their contexts have one shape; the decisions are the caller's)."""
+        return "ctx_both" in cond
+
+    def forward_branches(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: tuple
+                         ) -> tuple[jax.Array, jax.Array, tuple]:
+        """Both CFG branches of block ``info.position`` at once (vmapped over contexts and buffers): velocities and
+        residuals [branches, ...]."""
+        h_in, tc = self._embed(params, cond, x, info)
+        h_out, k, v = jax.vmap(lambda c, kb, vb: self._blocks(params, h_in, tc["e0"], c, kb, vb, info.position))(
+            cond["ctx_both"], kv[0], kv[1])
+        vel = jax.vmap(lambda h: self._velocity(params, h, tc["e"]))(h_out)
+        return vel, h_out - h_in[None], (k, v)
+
+    def velocity_branches(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, residual: jax.Array
+                          ) -> jax.Array:
+        h_in, tc = self._embed(params, cond, x, info)
+        return jax.vmap(lambda r: self._velocity(params, h_in + r, tc["e"]))(residual)
 
     def velocity_from_residual(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo,
                                residual: jax.Array) -> jax.Array:
@@ -157,25 +199,41 @@ class SkyReelsDenoiser:
     def forward_window(self, params: dict, cond: dict, x: jax.Array, infos: SlotInfo, kv: tuple
                        ) -> tuple[jax.Array, jax.Array, tuple]:
         """One DiT call over the whole window (positions = blocks in order): velocity and residual per block."""
-        c, cfg = self.cfg, self.cfg
-        w, pt = x.shape[0], c.patch_size[0]
+        embed = self._window_embed(params, cond, x, infos)
+        v, res = self._window_call(params, embed, cond["ctx"][infos.branch], x.shape[0])
+        return v, res, kv
+
+    def window_branches(self, params: dict, cond: dict, x: jax.Array, infos: SlotInfo, kv: tuple
+                        ) -> tuple[jax.Array, jax.Array, tuple]:
+        """Both CFG branches' whole-window calls at once (vmapped over the contexts): [branches, W, ...]."""
+        embed = self._window_embed(params, cond, x, infos)
+        v, res = jax.vmap(lambda c: self._window_call(params, embed, c, x.shape[0]))(cond["ctx_both"])
+        return v, res, kv
+
+    def _window_embed(self, params: dict, cond: dict, x: jax.Array, infos: SlotInfo) -> tuple:
+        c, w, pt = self.cfg, x.shape[0], self.cfg.patch_size[0]
         x_in = jax.vmap(lambda xi, pos: self._input(cond, xi, pos, infos.step))(x, infos.position)
         full = jnp.moveaxis(x_in[:, 0], 0, 1).reshape(c.in_dim, w * self.block, self.latent_h, self.latent_w)
-        t = jnp.repeat(self._model_t(infos.t), self.block // pt)
-        h_in = dense(patchify(cfg, full), params["patch"], jnp.float32)
-        tc = time_conditions(cfg, params, t, cond["fps"])
-        n = h_in.shape[0]
+        h_in = dense(patchify(c, full), params["patch"], jnp.float32)
+        if "step" in cond:
+            tc = {k: jnp.repeat(cond["step"][k], self.block // pt, 0) for k in ("e", "e0")}
+        else:
+            tc = time_conditions(c, params, jnp.repeat(self._model_t(infos.t), self.block // pt), cond["fps"])
+        return h_in, tc
+
+    def _window_call(self, params: dict, embed: tuple, ctx: jax.Array, w: int) -> tuple[jax.Array, jax.Array]:
+        (h_in, tc), c = embed, self.cfg
+        n, pt = h_in.shape[0], c.patch_size[0]
         frame_of = jnp.arange(n) // self.hw
         ranges = None
         if self.attention == "block_causal":
             end = (frame_of // (self.block // pt) + 1) * self.tokens_per_group
             ranges = jnp.stack([jnp.zeros_like(end), end], -1)[:, None, :]
         cos, sin = (jnp.asarray(a) for a in self._rope())
-        h, _, _ = run_blocks(cfg, params, h_in, tc["e0"], frame_of, cond["ctx"][infos.branch], cos, sin, ranges,
-                             self.key_tile)
-        y = unpatchify(cfg, head(cfg, params, h, tc["e"], frame_of), w * self.block, self.latent_h, self.latent_w)
+        h, _, _ = run_blocks(c, params, h_in, tc["e0"], frame_of, ctx, cos, sin, ranges, self.key_tile)
+        y = unpatchify(c, head(c, params, h, tc["e"], frame_of), w * self.block, self.latent_h, self.latent_w)
         v = jnp.moveaxis(y.reshape(c.out_dim, w, self.block, self.latent_h, self.latent_w), 1, 0)[:, None]
-        return v, (h - h_in).reshape(w, self.tokens_per_group, c.dim), kv
+        return v, (h - h_in).reshape(w, self.tokens_per_group, c.dim)
 
     def timestep_features(self, params: dict, cond: dict, table) -> dict:
         """Host arrays of the rules that read only the timesteps: per step, block and frame, e0 [.., 6, D] and

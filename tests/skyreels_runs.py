@@ -64,7 +64,8 @@ def _windowed(model, van, policy, executor, prefix_refresh, stage_len, block):
 
     def make(groups: int) -> Sampler:
         den = SkyReelsDenoiser(cfg, groups, blk, h, w, executor=executor)
-        return Sampler(den, policy, groups, 1, reuse="residual", solver=FlowUniPC(sig), joint=executor == "window")
+        return Sampler(den, policy, groups, 1, reuse="residual", solver=FlowUniPC(sig), joint=executor == "window",
+                       features="none", identity_ring=True)
 
     ws = WindowedSampler(make, DFSchedule(len(ts), ar, blk, ts, sig, addnoise, prefix_refresh, stage_len), policy)
     cond = ws.sampler(van["w0_noise"].shape[1] // blk).denoiser.prepare_cond(

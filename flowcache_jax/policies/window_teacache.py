@@ -40,6 +40,11 @@ class WindowTeaCache(HostPolicy):
             raise ValueError(f"counter must be one of {COUNTERS}, got {self.counter!r}")
 
     @property
+    def branch_alike(self) -> bool:
+        """The intended counter decides alike for both branches; upstream's call counter may not."""
+        return self.counter == "intended"
+
+    @property
     def poly(self) -> tuple[float, ...]:
         return tuple(self.coeffs) or (POLY_1P3B_RET if self.use_ret_steps else POLY_1P3B_NORET)
 
