@@ -360,6 +360,13 @@ class Sampler:
                          window_end=jnp.max(jnp.where(held, row["chunk"], -1)) + 1, step=state.step, branch=0)
         cache = state.cache if self.identity_ring else state.cache[ring]  # [W, branches, ...]
         kv, vs, rans, cs = state.kv, [], [], []
+
+        def window_replay(fn, branch, residual):  # every position's cheap head on its cached residual
+            def one(xi, c, k, t, dt, pos, ri):
+                return fn(params, cond, xi, SlotInfo(c, k, t, dt, pos, infos.window_end, state.step, branch), ri)
+
+            return jax.vmap(one)(x, row["chunk"], row["k"], row["t"], row["dt"], jnp.arange(w), residual)
+
         if self.branch_alike and d.batches_branches(cond):  # both branches decide alike: one batched call
             def forward(kv):
                 v, res, kv = d.window_branches(params, cond, x, infos, kv)
@@ -367,12 +374,7 @@ class Sampler:
                 return jnp.moveaxis(v, 0, 1), res, kv, jnp.ones((nb,), jnp.int32)
 
             def replay(kv):
-                def one(xi, c, k, t, dt, pos, ci):
-                    slot = SlotInfo(c, k, t, dt, pos, infos.window_end, state.step, 0)
-                    return d.velocity_branches(params, cond, xi, slot, ci)
-
-                v = jax.vmap(one)(x, row["chunk"], row["k"], row["t"], row["dt"], jnp.arange(w), cache)
-                return v, cache, kv, jnp.zeros((nb,), jnp.int32)
+                return window_replay(d.velocity_branches, 0, cache), cache, kv, jnp.zeros((nb,), jnp.int32)
 
             v, new_cache, kv, ran = jax.lax.cond(jnp.any(per_branch[0] & active), forward, replay, kv)
             vs, cs, rans = [v[:, b] for b in range(nb)], [new_cache[:, b] for b in range(nb)], list(ran)
@@ -385,12 +387,7 @@ class Sampler:
                 return v, res.astype(cb.dtype), kv, jnp.ones((), jnp.int32)
 
             def replay(kv, b=b, cb=cb):
-                def one(xi, c, k, t, dt, pos, ci):
-                    slot = SlotInfo(c, k, t, dt, pos, infos.window_end, state.step, b)
-                    return d.velocity_from_residual(params, cond, xi, slot, ci)
-
-                v = jax.vmap(one)(x, row["chunk"], row["k"], row["t"], row["dt"], jnp.arange(w), cb)
-                return v, cb, kv, jnp.zeros((), jnp.int32)
+                return window_replay(d.velocity_from_residual, b, cb), cb, kv, jnp.zeros((), jnp.int32)
 
             # the window call runs when a block being updated computes (prefix refreshes ride along)
             v, c_new, kv, ran_b = jax.lax.cond(jnp.any(per_branch[b] & active), forward, replay, kv)
