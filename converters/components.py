@@ -201,25 +201,35 @@ def _convert_magi1_vae(reader, config, fmt, dtype, sink=None):
     return convert_magi1_vae(reader, Magi1VAEConfig.from_config(config), dtype, sink)
 
 
-def _norms_f32(path: str) -> bool:
-    leaf = path.rsplit("/", 2)
-    return any("norm" in p or p in ("gamma", "scale") for p in leaf)
+def _model_rule(module: str) -> Callable[[str], bool]:
+    """Keep in float32 what the model keeps in float32 under its ``param_dtype``: everything but the leaves its
+    ``half_precision_leaf`` names (T5: kernels and the embedding; VAEs: kernels), so a bf16 conversion stores
+    exactly what ``cast_params(param_dtype="bfloat16")`` would hold (norm scales, biases, position tables f32)."""
+    def keep(path: str) -> bool:
+        import importlib
+
+        return not importlib.import_module(module).half_precision_leaf(path)
+    return keep
 
 
 COMPONENTS: dict[str, Component] = {c.name: c for c in (
     Component("magi1", "dit", ("original",), _dit_config("magi1"), _convert_magi1, _dit_keep_f32),
     Component("skyreels_v2", "dit", ("original", "diffusers"), _dit_config("skyreels_v2"), _convert_skyreels,
               _dit_keep_f32, _detect_skyreels),
-    Component("t5", "text_encoder", ("hf",), _t5_config("t5"), _convert_t5, _norms_f32, _detect_t5),
-    Component("umt5", "text_encoder", ("original", "hf"), _t5_config("umt5"), _convert_t5, _norms_f32, _detect_t5),
-    Component("wan_vae", "vae", ("original", "diffusers"), _wan_vae_config, _convert_wan_vae, _norms_f32,
-              _detect_wan_vae),
-    Component("magi1_vae", "vae", ("original",), _magi1_vae_config, _convert_magi1_vae, _norms_f32),
+    Component("t5", "text_encoder", ("hf",), _t5_config("t5"), _convert_t5, _model_rule("models.t5"), _detect_t5),
+    Component("umt5", "text_encoder", ("original", "hf"), _t5_config("umt5"), _convert_t5, _model_rule("models.t5"),
+              _detect_t5),
+    Component("wan_vae", "vae", ("original", "diffusers"), _wan_vae_config, _convert_wan_vae,
+              _model_rule("models.wan_vae"), _detect_wan_vae),
+    Component("magi1_vae", "vae", ("original",), _magi1_vae_config, _convert_magi1_vae,
+              _model_rule("models.magi1_vae")),
 )}
 
 
 def dtype_rule(comp: Component, dtype: str) -> Callable[[str], Any] | None:
-    """keep: the source dtypes; fp32: all float32; bf16: bfloat16 except what upstream keeps in float32."""
+    """keep: the source dtypes; fp32: all float32; bf16: bfloat16 except what stays float32 (``keep_f32``: DiTs
+    everything outside ``layers/`` (embedders, head, final norm: MAGI-1 runs them in float32); text encoders and
+    VAEs their norm scales, biases and position tables, as the models' ``cast_params`` keep them)."""
     if dtype == "keep":
         return None
     if dtype == "fp32":

@@ -33,8 +33,9 @@ _SRC = flags.DEFINE_string("src", None, "Upstream .safetensors file or folder wi
 _DST = flags.DEFINE_string("dst", None, "Output folder.")
 _CONFIG = flags.DEFINE_string("model_config", None, "Upstream config JSON (default: released 4.5B-distill).")
 _DTYPE = flags.DEFINE_enum("dtype", "keep", ["keep", "bf16", "fp32"],
-                           "keep: on-disk dtypes; bf16: bfloat16 except what upstream keeps in fp32 (norms, DiT "
-                           "embedders/head); fp32: all.")
+                           "keep: on-disk dtypes; bf16: the matrices bfloat16, float32 kept where upstream computes "
+                           "in fp32 (text encoder / VAE norm scales, biases, position tables; DiT embedders/head); "
+                           "fp32: all.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --dst.")
 _PICKLE = flags.DEFINE_bool("allow_pickle_weights_only", False,
                             "Allow a .pt/.pth/.bin source, read with torch.load(weights_only=True).")

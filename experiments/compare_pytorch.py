@@ -1,7 +1,7 @@
 r"""Our SkyReels-V2 DiT against diffusers' SkyReelsV2Transformer3DModel: same random weights, outputs and speed.
 
   python experiments/compare_pytorch.py --model=skyreels_v2 [--num_layers=2 --frames=5 --latent_height=32
-      --latent_width=32 --repeats=5] [--output_json=F]
+      --latent_width=32 --repeats=5] [--attention=fused|tiled] [--output_json=F]
 
 Both run at the real 1.3B width (12 heads x 128, FFN 8960, 512 text tokens), full attention, float32, in one
 process; times are medians over ``repeats`` forwards after warm-up. torch and diffusers are optional (not in
@@ -10,6 +10,7 @@ requirements.txt): ``pip install torch diffusers``.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -27,6 +28,7 @@ _FRAMES = flags.DEFINE_integer("frames", 5, "Latent frames.")
 _H = flags.DEFINE_integer("latent_height", 32, "Latent height (tokens: /2).")
 _W = flags.DEFINE_integer("latent_width", 32, "Latent width (tokens: /2).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed forwards per side.")
+_ATTN = flags.DEFINE_enum("attention", "fused", ["fused", "xla", "cudnn", "tiled"], "Our attention implementation.")
 _OUT = flags.DEFINE_string("output_json", None, "Where to write the figures.")
 
 
@@ -59,6 +61,7 @@ def main(argv: list[str]) -> None:
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.02 * torch.randn_like(p))
     sd = {k: v.detach().numpy() for k, v in dm.state_dict().items()}
     cfg = SkyReelsConfig.from_upstream(dict(SKYREELS_DF_1P3B, num_layers=_LAYERS.value))
+    cfg = dataclasses.replace(cfg, attention_impl=_ATTN.value)
     params = jax.tree.map(jnp.asarray, convert_skyreels_diffusers(sd, cfg))
 
     f, h, w = _FRAMES.value, _H.value, _W.value
@@ -92,7 +95,8 @@ def main(argv: list[str]) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     fl = forward_flops(cfg.dim, cfg.ffn_dim, cfg.num_layers, 512, (h // 2) * (w // 2), f, 1, "full")["total"]
     report = {"model": _MODEL.value, "device": str(jax.devices()[0]), "num_layers": _LAYERS.value, "frames": f,
-              "latent": [h, w], "max_rel_diff": err, "median_s": med, "speedup_vs_pytorch": med["pytorch"] / med["jax"],
+              "latent": [h, w], "attention": _ATTN.value, "max_rel_diff": err, "median_s": med,
+              "speedup_vs_pytorch": med["pytorch"] / med["jax"],
               "gflops_per_s": {k: fl / v / 1e9 for k, v in med.items()}, "torch_threads": torch.get_num_threads()}
     if _OUT.value:
         io.write_json(_OUT.value, report)

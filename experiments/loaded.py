@@ -23,15 +23,19 @@ def _stamp(path: Path) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _load(path: str, stamp: float) -> tuple[Any, dict]:
+def _load(path: str, stamp: float, param_dtype: str) -> tuple[Any, dict]:
+    from models.layers import cast_params
+
     params, meta = checkpoint.load(path)
-    return jax.tree.map(jnp.asarray, params), meta
+    # cast on the host, so the device never holds the stored copy beside the cast one
+    return jax.tree.map(jnp.asarray, cast_params(params, param_dtype)), meta
 
 
-def load(path: str | Path) -> tuple[Any, dict]:
-    """(device params, metadata) of a converted folder, read from disk the first time only."""
+def load(path: str | Path, param_dtype: str = "") -> tuple[Any, dict]:
+    """(device params, metadata) of a converted folder, read from disk the first time only; ``param_dtype``
+    (``compute.param_dtype``) casts the weights' matrices once, before they reach the device."""
     p = Path(path).resolve()
-    return _load(str(p), _stamp(p))
+    return _load(str(p), _stamp(p), param_dtype)
 
 
 def loads() -> int:
@@ -39,14 +43,14 @@ def loads() -> int:
     return _load.cache_info().misses
 
 
-def load_model(path: str, model: str, hint: str) -> tuple[Any, dict]:
+def load_model(path: str, model: str, hint: str, param_dtype: str = "") -> tuple[Any, dict]:
     """A converted DiT folder of ``model``, or one ``ConfigError`` line saying how to convert it (``hint``)."""
     from experiments.errors import ConfigError
 
     if not path:
         raise ConfigError(f"config.checkpoint is empty: {hint}")
     try:
-        params, meta = load(path)
+        params, meta = load(path, param_dtype)
     except checkpoint.CheckpointNotFound as e:
         raise ConfigError(f"{e}: {hint}") from e
     if meta.get("model") != model:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments import precision
 from experiments.errors import ConfigError
 from experiments.run_spec import Run
 from experiments.validation import validate_policy
@@ -27,8 +28,8 @@ def prefix_chunks(cfg: ml_collections.ConfigDict) -> int:
 def validate_magi(cfg: ml_collections.ConfigDict) -> None:
     s, v = cfg.sampler, cfg.video
     validate_policy(cfg, s.num_steps)
-    if cfg.batch != 1:
-        raise ConfigError("MAGI-1 runs one video at a time: set batch=1")
+    if cfg.batch < 1:
+        raise ConfigError(f"batch must be >= 1 (videos generated at once), got {cfg.batch}")
     if s.num_steps < 1 or s.window < 1 or s.num_steps % s.window:
         raise ConfigError(f"sampler.num_steps={s.num_steps} must be a positive multiple of sampler.window={s.window}")
     if s.semantics not in ("reference", "magi"):
@@ -63,11 +64,12 @@ def validate_magi(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("video.num_chunks, latent_height, latent_width and chunk_width must be >= 1")
 
 
-def load_checkpoint(path: str):
+def load_checkpoint(path: str, param_dtype: str = ""):
+    """(model config, params): the compute dtype follows the stored (or ``param_dtype``-cast) layer weights."""
     from experiments.loaded import load_model
     from models.magi1 import Magi1Config
 
-    params, meta = load_model(path, "magi1", CONVERT_HINT)
+    params, meta = load_model(path, "magi1", CONVERT_HINT, param_dtype)
     layers_bf16 = str(np.asarray(params["layers"]["q"]["kernel"]).dtype) == "bfloat16"
     cfg = Magi1Config.from_upstream(meta["model_config"], "bfloat16" if layers_bf16 else "float32")
     return cfg, params
@@ -78,7 +80,7 @@ def prompt_captions(cfg: ml_collections.ConfigDict, release, mcfg, n_chunks: int
     """Per-chunk captions of ``config.prompt`` through the release's T5 (cached), with MAGI-1's special tokens."""
     from experiments.pipeline import PromptEncoder, magi_captions
 
-    emb = PromptEncoder(release, mcfg.caption_max_length, cfg.text.cache_dir)(cfg.prompt)
+    emb = PromptEncoder(release, mcfg.caption_max_length, cfg.text.cache_dir, cfg.get("compute"))(cfg.prompt)
     if emb.hidden.shape[-1] != mcfg.caption_channels:
         raise ConfigError(f"the text encoder gives {emb.hidden.shape[-1]}-wide embeddings, the DiT takes "
                           f"{mcfg.caption_channels}: the release's parts do not belong together")
@@ -221,25 +223,43 @@ def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
     return den, grid
 
 
+def on_mesh(cfg: ml_collections.ConfigDict, den, params: dict, layout):
+    """The denoiser with the mesh's sharding hook and the parameters sharded FSDP-style (``config.mesh``)."""
+    from flowcache_jax.sharding import shard_params
+
+    m = cfg.mesh
+    if int(cfg.batch) % m.data:
+        raise ConfigError(f"config.mesh.data={m.data} must divide config.batch={cfg.batch} (MAGI-1 has no CFG "
+                          "branches: the data axis splits the videos of a batch); put the devices on mesh.fsdp and "
+                          "mesh.seq")
+    if den.tokens_per_chunk % m.seq:
+        raise ConfigError(f"config.mesh.seq={m.seq} must divide the {den.tokens_per_chunk} tokens of a chunk")
+    return dataclasses.replace(den, constrain=layout), shard_params(params, layout, "magi1")
+
+
 def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
     from experiments.pipeline import make_decoder, open_release, prompt_note
+    from experiments.registry import mesh_layout
     from flowcache_jax.policies import make_policy
     from flowcache_jax.sampler import Sampler
     from flowcache_jax.schedules import magi_schedule
+    from flowcache_jax.sharding import MeshConfig
 
     if cfg.prefix.get("video", ""):  # a clip to continue: encoded by the VAE (below, once)
         cfg = ml_collections.ConfigDict(cfg.to_dict())
         cfg.prefix.source = "video"
     validate_magi(cfg)
+    layout = mesh_layout(cfg)
     s, v = cfg.sampler, cfg.video
     n = v.num_chunks if n_chunks is None else n_chunks
-    mcfg, params = load_checkpoint(cfg.checkpoint)
+    mcfg, params = load_checkpoint(cfg.checkpoint, precision.param_dtype(cfg))
+    mcfg, params, compute = precision.apply(cfg, mcfg, params)
     if v.latent_height % mcfg.patch_size or v.latent_width % mcfg.patch_size or v.chunk_width % mcfg.t_patch_size:
         raise ConfigError(f"video latent size {v.latent_height}x{v.latent_width} must be a multiple of the patch "
                           f"size {mcfg.patch_size} (chunk_width of {mcfg.t_patch_size})")
     release = open_release(cfg.checkpoint, "magi1")
     rgb = cfg.get("output", {}).get("decode", "") == "rgb"  # the tiny model: its latents are RGB frames
-    decoder = None if rgb else make_decoder(release)
+    decoder = None if rgb else make_decoder(release, cfg.get("compute"))
     clip = None
     if cfg.prefix.source == "video":
         cfg, clip = encode_clip(cfg, decoder)
@@ -255,22 +275,25 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
         c = dict(cond)
         if prefix_chunks(cfg):
             c["prefix"] = load_prefix(cfg, mcfg, seed, clip)
-        return jax.tree.map(jnp.asarray, c)
+        return den.prepare_cond(params, jax.tree.map(jnp.asarray, c))
 
+    if layout is not None:  # after the host reads of the parameters (the null caption)
+        den, params = on_mesh(cfg, den, params, layout)
     try:
         table = magi_schedule(n, s.window, s.num_steps, grid)
-        sampler = Sampler(den, make_policy(cfg.policy), table.window, 1, cfg.policy.reuse, cfg.policy.metric_dtype,
-                          reencode_clean=magi)
+        sampler = Sampler(den, make_policy(cfg.policy), table.window, int(cfg.batch), cfg.policy.reuse,
+                          cfg.policy.metric_dtype, reencode_clean=magi, layout=layout)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     notes = {"prefix": f"{prefix_chunks(cfg)} given clean chunk(s), {cfg.prefix.source}"} if prefix_chunks(cfg) else {}
     return Run(cfg=cfg, denoiser=den, params=params, cond=cond_for(cfg.seed), table=table, sampler=sampler,
                cond_for=cond_for, decoder=decoder, text=text,
                notes={"caption": caption, **({} if rgb else release.notes()), "semantics": s.semantics,
-                      "dtype": mcfg.dtype,
+                      **compute,
                       "kv_buffer": f"{den.layout.rows} rows ({'compressed, ' if cfg.kv.compress else ''}"
                                    f"{den.layout.history_chunks} history + {den.window} window chunks)",
-                      "duplicate": "discarded" if den.discard_duplicate else "run and blended 0.7/0.3", **notes})
+                      "duplicate": "discarded" if den.discard_duplicate else "run and blended 0.7/0.3",
+                      **({} if layout is None else {"mesh": str(MeshConfig.from_config(cfg.mesh))}), **notes})
 
 
 def run_flops(run: Run, res) -> dict:

@@ -14,6 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +91,35 @@ def _digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+_DTYPES = {"": "", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "f32": "float32",
+           "float32": "float32"}
+
+
+def _dtype_name(value: str | None, what: str) -> str:
+    """A run config's ``compute.dtype`` / ``compute.param_dtype`` as a model config value ("" = the checkpoint's)."""
+    key = str(value or "").strip().lower()
+    if key not in _DTYPES:
+        raise ConfigError(f"compute.{what}={value!r}: use float32 / bfloat16 (or fp32 / bf16), or '' for the "
+                          "checkpoint's dtype")
+    return _DTYPES[key]
+
+
+def requested_precision(compute: Any = None) -> tuple[str, str]:
+    """(dtype, param_dtype) asked for by a run config's ``compute`` section (None or "": the checkpoint's)."""
+    get = compute.get if compute is not None else (lambda k, d=None: d)
+    return _dtype_name(get("dtype", ""), "dtype"), _dtype_name(get("param_dtype", ""), "param_dtype")
+
+
+def part_precision(params: Any, meta: dict, compute: Any = None) -> dict[str, str]:
+    """``dtype`` / ``param_dtype`` of a text encoder or VAE config: the run config's ``compute`` where set; else
+    the checkpoint's: bfloat16 compute for a bf16 conversion or bf16-stored matrices, the weights kept as stored."""
+    dtype, param_dtype = requested_precision(compute)
+    if not dtype:
+        stored = {str(x.dtype) for x in jax.tree.leaves(params) if getattr(x, "ndim", 0) >= 2}
+        dtype = "bfloat16" if meta.get("dtype") == "bf16" or "bfloat16" in stored else "float32"
+    return {"dtype": dtype, "param_dtype": param_dtype}
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FLOWCACHE_CACHE_DIR", Path.home() / ".cache" / "flowcache_jax")) / "prompts"
 
@@ -115,29 +145,33 @@ class PromptEncoder:
     The cache key is the prompt, the cleaning rule, the length and the digests of the encoder's metadata (which
     holds its source weights' sha256 and dtype) and of the tokenizer files, so a rerun or a sweep never runs the
     encoder again, and a different checkpoint never reads another's embeddings. The encoder is loaded only on a
-    cache miss.
+    cache miss. ``compute`` (a run config's ``compute`` section: ``dtype`` / ``param_dtype``, "" = the
+    checkpoint's) sets the encoder's precision; a non-default one is part of the cache key.
     """
 
-    def __init__(self, release: Release, max_length: int, cache_dir: str | Path | None = None):
+    def __init__(self, release: Release, max_length: int, cache_dir: str | Path | None = None, compute: Any = None):
         release.require_text()
         self.release, self.max_length = release, int(max_length)
         self.clean = FAMILY[release.model]["clean"]
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.compute = compute
         tok_files = sorted(p for p in release.tokenizer.iterdir() if p.is_file())
         self._key_base = {"te": _digest([release.text_encoder / "model_config.json"]), "tok": _digest(tok_files),
                           "clean": self.clean, "max_length": self.max_length}
+        for name, value in zip(("dtype", "param_dtype"), requested_precision(compute), strict=True):
+            if value:  # "" (the checkpoint's) keeps the keys of existing cache entries
+                self._key_base[name] = value
         self._tokenizer = None
         self._encode = None
 
     def _load(self):
-        from models.t5 import T5Config, encode
+        from models.t5 import T5Config, cast_params, encode
         from models.tokenizer import Tokenizer
 
         self._tokenizer = Tokenizer.from_path(self.release.tokenizer)
         params, meta = loaded.load(self.release.text_encoder)
-        cfg = T5Config.from_hf(meta["model_config"])
-        if meta.get("dtype") == "bf16":
-            cfg = dataclasses.replace(cfg, dtype="bfloat16")
+        cfg = T5Config.from_hf(meta["model_config"], **part_precision(params, meta, self.compute))
+        params = cast_params(cfg, params)  # once: the weights in their storage dtype
         fn = jax.jit(lambda p, ids, mask: encode(cfg, p, ids, mask))
         self._encode = lambda ids, mask: fn(params, ids, mask)
 
@@ -204,15 +238,15 @@ def _load_vae(release: Release):
 
 
 class ChunkDecoder:
-    """MAGI-1: each finished chunk [C, F, h, w] is decoded on its own (upstream's tiled decode) into uint8 frames."""
+    """MAGI-1: each finished chunk [C, F, h, w] is decoded on its own (upstream's tiled decode) into uint8 frames.
+    ``compute``: a run config's ``compute`` section (``dtype`` / ``param_dtype``, "" = the checkpoint's)."""
 
-    def __init__(self, release: Release):
-        from models.magi1_vae import Magi1VAEConfig
+    def __init__(self, release: Release, compute: Any = None):
+        from models.magi1_vae import Magi1VAEConfig, cast_params
 
-        self.params, meta = _load_vae(release)
-        self.cfg = Magi1VAEConfig.from_config(meta["model_config"])
-        if meta.get("dtype") == "bf16":
-            self.cfg = dataclasses.replace(self.cfg, dtype="bfloat16")
+        params, meta = _load_vae(release)
+        self.cfg = Magi1VAEConfig.from_config(meta["model_config"], **part_precision(params, meta, compute))
+        self.params = cast_params(self.cfg, params)
         self.reset()
 
     def reset(self) -> None:
@@ -248,16 +282,15 @@ class ChunkDecoder:
 
 class FrameDecoder:
     """Wan / SkyReels: latent frames are decoded as they become final, through the VAE's causal streaming
-    decoder (its per-conv caches carried between calls), so the result equals one decode of the whole video."""
+    decoder (its per-conv caches carried between calls), so the result equals one decode of the whole video.
+    ``compute`` as for ``ChunkDecoder``."""
 
-    def __init__(self, release: Release):
+    def __init__(self, release: Release, compute: Any = None):
         from models.wan_vae import WanVAEConfig, WanVAEDecoder
 
         params, meta = _load_vae(release)
-        cfg = WanVAEConfig.from_kwargs(meta["model_config"])
-        if meta.get("dtype") == "bf16":
-            cfg = dataclasses.replace(cfg, dtype="bfloat16")
-        self.cfg, self.decoder = cfg, WanVAEDecoder(cfg, params)
+        cfg = WanVAEConfig.from_kwargs(meta["model_config"], **part_precision(params, meta, compute))
+        self.cfg, self.decoder = cfg, WanVAEDecoder(cfg, params)  # the decoder casts the weights once
         self.reset()
 
     def reset(self) -> None:
@@ -285,8 +318,9 @@ def to_uint8_frames(video: np.ndarray) -> np.ndarray:
     return np.clip(x, 0, 255).astype(np.uint8).transpose(1, 2, 3, 0)
 
 
-def make_decoder(release: Release):
-    """The release's decoder (None without a VAE): per chunk for MAGI-1, streaming frames for Wan."""
+def make_decoder(release: Release, compute: Any = None):
+    """The release's decoder (None without a VAE): per chunk for MAGI-1, streaming frames for Wan; ``compute`` is
+    a run config's ``compute`` section (``dtype`` / ``param_dtype``, "" = the checkpoint's)."""
     if release.vae is None:
         return None
-    return ChunkDecoder(release) if release.model == "magi1" else FrameDecoder(release)
+    return ChunkDecoder(release, compute) if release.model == "magi1" else FrameDecoder(release, compute)

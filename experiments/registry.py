@@ -1,8 +1,8 @@
 """Model builders by name: ``config.model`` -> the function that makes its ``Run`` (one table, no ``if`` per CLI).
 
 Builders are imported when first used (a synthetic run never imports the MAGI-1 code) and import nothing from
-here, so there is no cycle. MagCache's calibration (an uncached run that measures the velocity ratios) is the
-one step every model shares before its build.
+here at module level, so there is no cycle. MagCache's calibration (an uncached run that measures the velocity
+ratios) is the one step every model shares before its build; the device mesh (``mesh_layout``) the one setting.
 """
 
 from __future__ import annotations
@@ -35,8 +35,40 @@ def run_flops(run: Run, res: Any) -> dict:
     return importlib.import_module(module).run_flops(run, res)
 
 
+MESH_MODELS = ("magi1", "skyreels_v2")  # the models whose builders read config.mesh
+
+
+def mesh_layout(cfg: ml_collections.ConfigDict) -> Any:
+    """The ``flowcache_jax.sharding.Layout`` of ``config.mesh`` (data x fsdp x seq over every device of every
+    process), or None for the one-device default (all sizes 1). A bad mesh is one ``ConfigError`` line."""
+    import jax
+
+    from flowcache_jax.sharding import Layout, MeshConfig, make_mesh
+
+    block = cfg.get("mesh", None)
+    try:
+        mc = MeshConfig.from_config(block)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.mesh must hold integer sizes data, fsdp, seq: {e}") from e
+    if block is not None and set(block.keys()) - {"data", "fsdp", "seq"}:
+        raise ConfigError(f"config.mesh has unknown axes {sorted(set(block.keys()) - {'data', 'fsdp', 'seq'})}; "
+                          "use data, fsdp and seq")
+    if min(mc.shape) < 1:
+        raise ConfigError(f"config.mesh sizes must be >= 1, got {mc}")
+    if mc.size == 1:
+        return None
+    if cfg.model not in MESH_MODELS:
+        raise ConfigError(f"config.model={cfg.model!r} runs on one device: leave config.mesh at 1 x 1 x 1")
+    n = jax.device_count()
+    if mc.size != n:
+        raise ConfigError(f"config.mesh {mc} = {mc.size} devices, but {n} are available: make the product of "
+                          f"--config.mesh.data, --config.mesh.fsdp and --config.mesh.seq equal {n}")
+    return Layout(make_mesh(mc))
+
+
 def build(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
     """Validate, then make the denoiser, params, schedule table and sampler of a config."""
+    mesh_layout(cfg)  # a bad mesh fails before any calibration run
     cfg = calibrate(cfg)
     return builder(cfg.model)(cfg, n_chunks)
 

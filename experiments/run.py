@@ -1,6 +1,8 @@
 r"""Generate one video with a named config; print a table; write results.json, latents and a preview.
 
   python experiments/run.py [--config=NAME] [--config.policy.threshold=0.05 ...] [--output_dir=D]
+  python experiments/run.py --config=NAME --config.mesh.fsdp=8 --config.mesh.seq=2 --num_processes=2 \
+      --process_id=I --coordinator_address=host0:1234      # one process per host, one mesh over all of them
 
 With no --config the embedded default runs (no download needed).
 """
@@ -21,6 +23,24 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset name (e.g. syn
 _OUT = flags.DEFINE_string("output_dir", None, "Output folder (default outputs/<config name>).")
 _COMPARE = flags.DEFINE_bool("compare_to_vanilla", True, "Also run the uncached config for PSNR/SSIM.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed).")
+_NPROC = flags.DEFINE_integer("num_processes", 1, "Multi-host: processes (one per host) that form one mesh.")
+_PID = flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
+
+
+def init_distributed() -> bool:
+    """One process per host joins the global mesh (``--config.mesh.*`` counts every host's devices); returns whether
+    this process writes the outputs (process 0: every process holds the same replicated latents and records)."""
+    import jax
+
+    if _NPROC.value <= 1:
+        return True
+    if not _COORD.value or not 0 <= _PID.value < _NPROC.value:
+        raise common.ConfigError("multi-host runs need --coordinator_address=HOST:PORT and 0 <= --process_id < "
+                                 "--num_processes")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs use NCCL whatever this says
+    jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
+    return jax.process_index() == 0
 
 
 def main(argv: list[str]) -> None:
@@ -28,6 +48,7 @@ def main(argv: list[str]) -> None:
 
     from flowcache_jax import io, metrics
 
+    writer = init_distributed()
     cfg = _CONFIG.value
     out = Path(_OUT.value or f"outputs/{cfg.name}")
     if out.exists() and not out.is_dir():
@@ -52,6 +73,8 @@ def main(argv: list[str]) -> None:
         ref_run = common.build(common.with_policy(cfg, "vanilla"))
         ref, ref_frames = ref_run.sample(progress=_PROGRESS.value)
         results["vs_vanilla"] = common.compare(run, res, frames, ref, ref_frames)
+    if not writer:
+        return
     io.write_json(out / "results.json", results)
     io.write_npz(out / "latents.npz", latents=res.video, decisions=res.decisions)
     media = common.write_video_outputs(run, res.video, out, frames=frames)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments import precision
 from experiments.errors import ConfigError
 from experiments.run_spec import Run
 from experiments.validation import validate_policy
@@ -97,7 +98,7 @@ def prompt_contexts(cfg: ml_collections.ConfigDict, release, mcfg, text_len: int
     from experiments.pipeline import PromptEncoder
     from models.t5 import wan_context
 
-    enc = PromptEncoder(release, text_len, cfg.text.cache_dir)
+    enc = PromptEncoder(release, text_len, cfg.text.cache_dir, cfg.get("compute"))
     pos, neg = enc(cfg.prompt), enc(cfg.negative_prompt)
     if pos.hidden.shape[-1] != mcfg.text_dim:
         raise ConfigError(f"the text encoder gives {pos.hidden.shape[-1]}-wide embeddings, the DiT takes "
@@ -110,28 +111,34 @@ def prompt_contexts(cfg: ml_collections.ConfigDict, release, mcfg, text_len: int
     return ctx, info
 
 
-def load_checkpoint(path: str):
+def load_checkpoint(path: str, param_dtype: str = ""):
+    """(model config, params, metadata): the compute dtype follows the stored (or ``param_dtype``-cast) blocks."""
     from experiments.loaded import load_model
     from models.skyreels_v2 import SkyReelsConfig
 
-    params, meta = load_model(path, "skyreels_v2", CONVERT_HINT)
+    params, meta = load_model(path, "skyreels_v2", CONVERT_HINT, param_dtype)
+    bf16 = str(np.asarray(params["layers"]["ffn"]["fc1"]["kernel"]).dtype) == "bfloat16"
     try:
-        return SkyReelsConfig.from_upstream(meta["model_config"]), params, meta
+        return SkyReelsConfig.from_upstream(meta["model_config"], "bfloat16" if bf16 else "float32"), params, meta
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
 
 def build_skyreels(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> Run:
     from experiments.pipeline import make_decoder, open_release, prompt_note
+    from experiments.registry import mesh_layout
     from flowcache_jax.policies import make_policy
     from flowcache_jax.sampler import Sampler
     from flowcache_jax.schedules import skyreels_sigmas
+    from flowcache_jax.sharding import MeshConfig, shard_params
     from flowcache_jax.solvers import FlowUniPC
     from flowcache_jax.windows import DFPlan, DFSchedule, WindowedSampler, plan_windows
     from models.skyreels_denoiser import SkyReelsDenoiser
 
     validate_skyreels(cfg)
-    mcfg, params, meta = load_checkpoint(cfg.checkpoint)
+    layout = mesh_layout(cfg)
+    mcfg, params, meta = load_checkpoint(cfg.checkpoint, precision.param_dtype(cfg))
+    mcfg, params, compute = precision.apply(cfg, mcfg, params)
     v, s = cfg.video, cfg.sampler
     total = latent_frames(v.num_frames)
     if n_chunks is not None:  # a video of n causal blocks (benchmark's length sweep)
@@ -153,16 +160,19 @@ def build_skyreels(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) 
     if hasattr(policy, "ar_step"):  # window TeaCache's reference counter reads upstream's per-window step count
         policy = dataclasses.replace(policy, ar_step=int(s.ar_step))
     h, w = v.height // 8, v.width // 8
+    if layout is not None:
+        mesh_check(cfg.mesh, SkyReelsDenoiser(mcfg, 1, s.causal_block_size, h, w, executor, s.attention))
+        params = shard_params(params, layout, "skyreels_v2")
 
     def denoiser(groups: int) -> SkyReelsDenoiser:
-        return SkyReelsDenoiser(mcfg, groups, s.causal_block_size, h, w, executor, s.attention)
+        return SkyReelsDenoiser(mcfg, groups, s.causal_block_size, h, w, executor, s.attention, constrain=layout)
 
     def make(groups: int) -> Sampler:
         solver = FlowUniPC(sigmas, reference_aliasing=bool(s.get("reference_aliasing", True)))
         timestep = cfg.policy.get("metric", "input") == "timestep"  # no input features to compute then
         return Sampler(denoiser(groups), policy, groups, 1, reuse="residual", metric_dtype=cfg.policy.metric_dtype,
                        solver=solver, joint=executor == "window", features="none" if timestep else None,
-                       identity_ring=True)
+                       identity_ring=True, layout=layout)
 
     # the FlowCache fork runs a long-video prefix block on the first call only, and only when ar_step > 0
     # (its overlap flag; fixture README, defect 3); upstream reruns it at every call
@@ -172,14 +182,24 @@ def build_skyreels(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) 
     fps = 0 if v.fps == 16 else 1  # the fps-embedding index (upstream: 16 fps -> 0, else 1)
     first = denoiser(plan.windows[0][0] // s.causal_block_size)
     cond = first.prepare_cond(params, ctx["context"], ctx["negative_context"], fps, s.guidance, s.addnoise_condition)
-    decoder = make_decoder(release)
+    decoder = make_decoder(release, cfg.get("compute"))
     attention = (s.attention if executor == "window" else
                  "block-causal by construction (a forward per block over a K/V buffer)")
     notes = {"contexts": note, "windows": [list(x) for x in plan.windows], **release.notes(), "executor": executor,
-             "attention": attention,
+             "attention": attention, **compute,
+             **({} if layout is None else {"mesh": str(MeshConfig.from_config(cfg.mesh))}),
              "video": "decoded by the Wan VAE as windows finish" if decoder else "latents (no VAE)"}
     return Run(cfg=cfg, denoiser=first, params=params, cond=cond, table=plan, sampler=sampler, decoder=decoder,
                text=text, notes=notes)
+
+
+def mesh_check(mesh: ml_collections.ConfigDict, den) -> None:
+    """A mesh that fits the run: data splits the two CFG branches, seq the tokens of a causal block."""
+    if den.branches % mesh.data:
+        raise ConfigError(f"config.mesh.data={mesh.data} must divide SkyReels-V2's {den.branches} CFG branches")
+    if den.tokens_per_group % mesh.seq:
+        raise ConfigError(f"config.mesh.seq={mesh.seq} must divide the {den.tokens_per_group} tokens of a causal "
+                          "block")
 
 
 def run_flops(run: Run, res) -> dict:
@@ -189,7 +209,7 @@ def run_flops(run: Run, res) -> dict:
 
     s, v, mcfg = run.cfg.sampler, run.cfg.video, run.denoiser.cfg
     tokens = (v.height // 8 // mcfg.patch_size[1]) * (v.width // 8 // mcfg.patch_size[2])
-    text = int(run.cond["ctx"][0].shape[0])
+    text = int(run.cond["ctx"][0][0].shape[1])  # (K, V) [layers, L, heads, hd] of the prompt
     total = 0.0
     for frames, prefix in run.table.windows:
         iters = s.num_steps + max(frames // s.causal_block_size - prefix // s.causal_block_size - 1, 0) * s.ar_step

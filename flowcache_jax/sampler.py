@@ -12,6 +12,11 @@ decision table made on the host for rules that read only the timesteps), then ei
 Then the solver slot (Euler, or FlowUniPC with a state per chunk) advances the chunks being updated.
 Nothing is vmapped around a cond, so a reused chunk really skips its forward. Policy knobs (threshold,
 warm-up, coefficients), the solver's grid and the schedule are arguments: a sweep compiles once.
+
+With a ``layout`` (``flowcache_jax.sharding``) the stage is compiled for a device mesh: its arguments are placed
+with shardings (parameters as the caller sharded them, K/V buffers and token-major caches over "seq", CFG branch
+axes over "data", everything the host or the policy reads replicated) and the decisions are constrained to one
+replicated value, so every device takes the same branch of every cond.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from flowcache_jax import sharding
 from flowcache_jax.denoiser import Denoiser, SlotInfo
 from flowcache_jax.policies import Decision, Policy, StepInfo
 from flowcache_jax.policies.base import NEW, structure
@@ -100,7 +106,7 @@ class Sampler:
     def __init__(self, denoiser: Denoiser, policy: Policy, window: int, batch: int = 1,
                  reuse: str = "displacement", metric_dtype: str = "float32", reencode_clean: bool = False,
                  solver: Any = None, joint: bool = False, features: str | None = None,
-                 identity_ring: bool = False):
+                 identity_ring: bool = False, layout: sharding.Layout | None = None):
         if reuse not in REUSE_MODES:
             raise ValueError(f"reuse must be one of {REUSE_MODES}, got {reuse!r}")
         if metric_dtype not in METRIC_DTYPES:
@@ -133,6 +139,7 @@ class Sampler:
             raise ValueError(f"policy {policy.name!r} reads the model's timestep features, which "
                              f"{type(denoiser).__name__} does not give")
         self.reuse, self.metric_dtype, self.reencode_clean = reuse, METRIC_DTYPES[metric_dtype], reencode_clean
+        self.layout = layout if layout is not None and layout.size > 1 else None  # a device mesh (None: one device)
         self.traces = 0
         self.compile_seconds = 0.0
         self._compiled: dict[tuple[int, int], Any] = {}  # per (steps per stage, window): one executable
@@ -193,15 +200,17 @@ class Sampler:
             probed = jnp.zeros((), jnp.int32)
         prev = state.prev_feat[ring]
         present = active & state.prev_present[ring]
-        info = StepInfo(active=active, present=present, k=row["k"], diff_l1=_mean_abs(feats - prev),
-                        prev_l1=_mean_abs(prev), global_first=row["global_first"],
-                        global_last=row["global_last"], step=state.step)
+        # On a mesh the metric's reductions are one replicated value (reduced over every shard) before any rule
+        # reads them, and so is the decision: every device branches alike.
+        diff_l1, prev_l1 = sharding.replicate(self.layout, (_mean_abs(feats - prev), _mean_abs(prev)))
+        info = StepInfo(active=active, present=present, k=row["k"], diff_l1=diff_l1, prev_l1=prev_l1,
+                        global_first=row["global_first"], global_last=row["global_last"], step=state.step)
         acc_before = state.acc[ring]
         if self.host:  # the table's decision; the host rule's accumulators are in its own records
             dec = Decision(compute=active, acc=acc_before, glob=state.glob, reason=row["plan_reason"])
         else:
             dec = self.policy.decide(acc_before, state.glob, info, knobs["policy"])
-        return dec, feats, info, probed, acc_before
+        return sharding.replicate(self.layout, dec), feats, info, probed, acc_before
 
     def _step(self, params: Any, cond: Any, state: SamplerState, row: dict, knobs: dict
               ) -> tuple[SamplerState, dict]:
@@ -506,12 +515,30 @@ class Sampler:
         # The state (latents, caches, KV buffer) is donated so that accelerators update it in place; the CPU
         # backend cannot use donated buffers and would only warn.
         donate = () if jax.default_backend() == "cpu" else (2,)
-        self._compiled[shape] = jax.jit(self._stage, donate_argnums=donate).lower(
-            params, cond, state, self._stage_tables(table, None)[0], noise, self.knobs_of(None)).compile()
+        args = (params, cond, state, self._stage_tables(table, None)[0], noise, self.knobs_of(None))
+        kw = {}
+        if self.layout is not None:  # compiled for the mesh: the arguments' shardings, the state's kept
+            ins = self._placement(params, cond, state)
+            args = (*self._place(args[:4], ins[:4]), jax.ShapeDtypeStruct(noise.shape, noise.dtype, sharding=ins[4]),
+                    sharding.put(args[5], ins[5]))
+            kw = dict(in_shardings=ins, out_shardings=(ins[2], self.layout.replicated))
+        self._compiled[shape] = jax.jit(self._stage, donate_argnums=donate, **kw).lower(*args).compile()
         jax.block_until_ready(self._noise(jax.random.PRNGKey(0)))  # compile the noise sampler here too
         dt = time.perf_counter() - t0
         self.compile_seconds += dt
         return dt
+
+    def _placement(self, params: Any, cond: Any, state: SamplerState) -> tuple:
+        """Shardings of the stage's (params, cond, state, table, noise, knobs) on the mesh: the parameters' own
+        (``sharding.shard_params``; replicated where unplaced), the state's by ``sharding.state_shardings``, the
+        rest replicated."""
+        lay = self.layout
+        return (sharding.shardings_of(params, lay), lay.replicated,
+                sharding.state_shardings(state, lay, self.reuse == "residual"), lay.replicated, lay.replicated,
+                lay.replicated)
+
+    def _place(self, args: tuple, shardings: tuple) -> tuple:
+        return tuple(sharding.put(a, s) for a, s in zip(args, shardings, strict=True))
 
     def plan(self, params: Any, cond: Any, table: ScheduleTable, policy: Policy, plan_state: Any = None
              ) -> tuple[dict | None, dict | None, Any]:
@@ -535,9 +562,14 @@ class Sampler:
         if limit is not None and table.n_chunks > limit:
             raise ValueError(f"the schedule has {table.n_chunks} chunks but the denoiser's KV buffer holds {limit}")
         state = self.init_state(params, cond)
+        ins = None
+        if self.layout is not None:  # everything on the mesh, as the stage was compiled for it
+            ins = self._placement(params, cond, state)
+            params, cond, state = self._place((params, cond, state), ins[:3])
         if getattr(self.denoiser, "prefix_chunks", 0):  # the clean prefix of a video continuation
             if self._prepare is None:
-                self._prepare = jax.jit(self.denoiser.prepare_kv)
+                kw = {} if ins is None else dict(out_shardings=ins[2].kv)
+                self._prepare = jax.jit(self.denoiser.prepare_kv, **kw)
             state = state.replace(kv=self._prepare(params, cond, state.kv))
         t_compile = self.compile(params, cond, state, table)
         compiled = self._compiled[(table.steps_per_stage, table.window)]
@@ -563,7 +595,10 @@ class Sampler:
             noise = noises[s]
             for r in np.flatnonzero(table.enter[s] >= 0):  # not-yet-finished chunks show their current latent
                 video[:, table.enter[s][r]] = noise[r]
-            state, rec = compiled(params, cond, state, tabs[s], noise, knobs)
+            if ins is None:
+                state, rec = compiled(params, cond, state, tabs[s], noise, knobs)
+            else:
+                state, rec = compiled(params, cond, state, *self._place((tabs[s], noise, knobs), ins[3:]))
             recs.append(rec)
             if on_stage is not None:
                 on_stage(s, state)

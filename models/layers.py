@@ -125,6 +125,16 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array 
     return out.transpose(2, 0, 1, 3).reshape(s, hq, d).astype(q.dtype)
 
 
+def cast_params(params: dict, param_dtype: str) -> dict:
+    """Weights stored in ``param_dtype`` ("" keeps them): matrices (ndim >= 2: kernels, embedding and modulation
+    tables) are cast, vectors (norm scales, biases, frequency tables) stay as they are — float32 where the
+    checkpoint is — since they are tiny and upstream applies them in float32."""
+    if not param_dtype:
+        return params
+    dt = jnp.dtype(param_dtype)
+    return jax.tree.map(lambda a: a.astype(dt) if jnp.ndim(a) >= 2 else a, params)  # host arrays stay on the host
+
+
 class ParamsModule(nnx.Module):
     """A model's nested parameter dict held as ``nnx.Param`` leaves; the forward stays a pure function."""
 

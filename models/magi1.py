@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import attention as attn
 from models.layers import (
     ParamsModule,
     dense,
@@ -59,16 +60,19 @@ class Magi1Config:
     caption_max_length: int = 800
     xattn_cond_hidden_ratio: float = 1.0
     cond_gating_ratio: float = 1.0
-    dtype: str = "float32"  # activations: float32 (fixtures) or bfloat16 (released weights)
+    dtype: str = "float32"  # activations and K/V: float32 (fixtures) or bfloat16 (released weights)
+    gated_linear_unit: bool = False  # SwiGLU MLP (the 24B model): fc1 gives [gate ; up], silu(gate) * up
+    attention_impl: str = "tiled"  # models.attention.IMPLEMENTATIONS (the tiled path is the parity reference)
+
+    def __post_init__(self):
+        attn.check(self.attention_impl)
 
     @classmethod
     def from_upstream(cls, model_config: dict, dtype: str | None = None) -> Magi1Config:
         """Build from an upstream ``model_config`` dict (a fixture's config.json or the released one)."""
-        if model_config.get("gated_linear_unit"):
-            raise ValueError("gated_linear_unit=true (the 24B SwiGLU model) is not supported; use the 4.5B config")
         if model_config.get("half_channel_vae"):
             raise ValueError("half_channel_vae=true (24B) is not supported")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "attention_impl"}
         missing = sorted(n for n in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                                      "num_query_groups", "kv_channels") if n not in model_config)
         if missing:
@@ -77,6 +81,10 @@ class Magi1Config:
         if dtype is None:
             dtype = "bfloat16" if "bfloat16" in str(model_config.get("params_dtype", "")) else "float32"
         return cls(**kw, dtype=dtype)
+
+    @property
+    def fc1_width(self) -> int:
+        return self.ffn_hidden_size * (2 if self.gated_linear_unit else 1)
 
     @property
     def cond_dim(self) -> int:
@@ -107,8 +115,8 @@ def param_shapes(cfg: Magi1Config) -> dict:
         "gate": lin(dc, int(2 * d * cfg.cond_gating_ratio), True), "pre_norm": norm(d),
         "q": lin(d, q), "k": lin(d, kv), "v": lin(d, kv), "qx": lin(d, q), "kx": lin(dx, kv), "vx": lin(dx, kv),
         "q_norm": norm(hd), "k_norm": norm(hd), "qx_norm": norm(hd), "kx_norm": norm(hd),
-        "proj": lin(2 * q, d), "attn_post_norm": norm(d), "mlp_norm": norm(d), "fc1": lin(d, f), "fc2": lin(f, d),
-        "mlp_post_norm": norm(d),
+        "proj": lin(2 * q, d), "attn_post_norm": norm(d), "mlp_norm": norm(d), "fc1": lin(d, cfg.fc1_width),
+        "fc2": lin(f, d), "mlp_post_norm": norm(d),
     }
     layers = jax.tree.map(lambda s: (cfg.num_layers, *s), layer, is_leaf=lambda x: isinstance(x, tuple))
     return {
@@ -187,8 +195,15 @@ def distill_dt(num_steps: int, distill_interval: jax.Array | float) -> jax.Array
     return jnp.float32(num_steps / 2)
 
 
-def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def caption_projection(p: dict, y: jax.Array, dtype) -> jax.Array:
+    """The captions' cross-attention source silu(y W) [..., L, Dx]: constant over a run, so computed once per prompt."""
+    return jax.nn.silu(dense(y.astype(jnp.float32), p["y_embed"]["xattn"], jnp.float32)).astype(dtype)
+
+
+def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "tiled") -> jax.Array:
     """Chunk r's queries [R, n, Hq, d] attend its own caption keys [R, L, G, d] where mask [R, L] is set."""
+    if impl != "tiled":
+        return attn.masked(q, k, v, mask > 0, impl)
     r, n, hq, d = q.shape
     g = k.shape[2]
     qg = q.reshape(r, n, g, hq // g, d)
@@ -203,7 +218,8 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
                  kv_range: jax.Array, buffer: tuple[jax.Array, jax.Array], slice_point: jax.Array | int,
                  num_steps: int, write_chunks: int, distill_interval: jax.Array | float = 1.0,
                  key_tile: int = 4096, with_intermediates: bool = False, buffer_mask: jax.Array | None = None,
-                 write_start: jax.Array | None = None, capture_queries: int = 0) -> tuple:
+                 write_start: jax.Array | None = None, capture_queries: int = 0, y_x: jax.Array | None = None,
+                 constrain=None) -> tuple:
     """One upstream ``VideoDiTModel.forward`` of R chunks: velocity [C, T, H, W], new buffer, intermediates.
 
     ``kv_range`` [R, 2] indexes the reference's key space [rows 0..slice_point·ctn of the cache ; this
@@ -213,6 +229,10 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
     A fixed-size (compressed) buffer passes ``buffer_mask`` [rows] (the buffer rows every query sees, in place
     of the reference ranges into the buffer) and ``write_start``. ``capture_queries`` > 0 returns the last that
     many query rows of every layer (post norm and RoPE) as ``inter["queries"]`` [layers, n, Hq, d].
+    ``y_x``: the captions' projection (``caption_projection``) when the caller computed it once per prompt.
+    ``constrain(x, logical_axes)``: the sharding hook (``flowcache_jax.sharding.Layout``; None on one device).
+    Self-attention runs on ``cfg.attention_impl``: tiled over the key ranges, or fused per chunk over the keys the
+    ranges select (``models.attention.masked``).
     """
     dt_ = cfg.jdtype
     c, tt, hh, ww = x.shape
@@ -233,17 +253,25 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
     c_y = dense(p["y_embed"]["null_caption"][-2].astype(jnp.float32), p["y_embed"]["adaln"], jnp.float32)
     cond = (e_t + e_dt + c_y).astype(dt_)  # [R, Dc]
     cmap = jnp.repeat(jnp.arange(r), ctn)
-    y_x = jax.nn.silu(dense(y.astype(jnp.float32), p["y_embed"]["xattn"], jnp.float32)).astype(dt_)  # [R, L, Dx]
+    y_x = caption_projection(p, y, dt_) if y_x is None else y_x.astype(dt_)  # [R, L, Dx]
+    impl = attn.resolve(cfg.attention_impl, dt_)
+    shard = constrain or (lambda a, axes: a)
     # The reference's key range [a, b) split into buffer rows [a, min(b, c0)) and own rows shifted past the buffer.
     a_, b_ = kv_range[:, 0].astype(jnp.int32), kv_range[:, 1].astype(jnp.int32)
-    ranges = jnp.stack([jnp.stack([a_, jnp.minimum(b_, c0)], -1),
-                        jnp.stack([jnp.maximum(a_, c0) - c0 + n_buf, b_ - c0 + n_buf], -1)], 1)[cmap]
+    chunk_ranges = jnp.stack([jnp.stack([a_, jnp.minimum(b_, c0)], -1),
+                              jnp.stack([jnp.maximum(a_, c0) - c0 + n_buf, b_ - c0 + n_buf], -1)], 1)  # [R, 2, 2]
+    ranges = chunk_ranges[cmap]
     n_write = write_chunks * ctn
     w0 = c0 if write_start is None else jnp.asarray(write_start, jnp.int32)
     key_mask = None
     if buffer_mask is not None:  # the buffer segment comes from the mask, not from a range
         ranges = ranges.at[:, 0, 1].set(ranges[:, 0, 0])
+        chunk_ranges = chunk_ranges.at[:, 0, 1].set(chunk_ranges[:, 0, 0])
         key_mask = jnp.concatenate([buffer_mask.astype(bool), jnp.zeros((s,), bool)])
+    if impl != "tiled":  # the keys each chunk sees, as one mask row per chunk over [buffer ; own rows]
+        j = jnp.arange(n_buf + s)
+        seen = jnp.any((j[None, None] >= chunk_ranges[:, :, :1]) & (j[None, None] < chunk_ranges[:, :, 1:]), 1)
+        seen = seen | (False if key_mask is None else key_mask[None])
 
     def layer(h, inputs):
         # The buffer is only read inside the layer loop; the new rows leave it as small per-layer outputs and
@@ -253,6 +281,7 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
         gates = jnp.tanh(dense(jax.nn.silu(cond.astype(jnp.float32)).astype(dt_), lp["gate"]).astype(jnp.float32))
         gates = gates.astype(dt_)
         g_attn, g_mlp = gates[:, :d][cmap], gates[:, d:][cmap]
+        h = shard(h, ("tokens", "embed"))
         u = layer_norm(h, lp["pre_norm"]["scale"], lp["pre_norm"]["bias"], eps)
         q = dense(u, lp["q"]).reshape(s, hq, hd)
         k = dense(u, lp["k"]).reshape(s, g, hd)
@@ -262,20 +291,31 @@ def forward_call(cfg: Magi1Config, p: dict, x: jax.Array, t: jax.Array, y: jax.A
                         sin[:, None], cos[:, None]).astype(dt_)
         k = rotate_half(layer_norm(k.astype(jnp.float32), lp["k_norm"]["scale"], lp["k_norm"]["bias"], eps, one_p),
                         sin[:, None], cos[:, None]).astype(dt_)
-        k_all = jnp.concatenate([bk.astype(dt_), k], 0)
-        v_all = jnp.concatenate([bv.astype(dt_), v], 0)
-        o_self = range_attention(q, k_all, v_all, ranges, key_tile, key_mask).reshape(s, hq * hd)
+        q = shard(q, ("tokens", "heads", "head_dim"))
+        k_all = shard(jnp.concatenate([bk.astype(dt_), k], 0), ("kv_tokens", "kv_heads", "head_dim"))
+        v_all = shard(jnp.concatenate([bv.astype(dt_), v], 0), ("kv_tokens", "kv_heads", "head_dim"))
+        if impl == "tiled":
+            o_self = range_attention(q, k_all, v_all, ranges, key_tile, key_mask)
+        else:
+            o_self = attn.masked(q.reshape(r, ctn, hq, hd), *(jnp.broadcast_to(a[None], (r, *a.shape))
+                                                              for a in (k_all, v_all)), seen, impl)
+        o_self = o_self.reshape(s, hq * hd)
         qx = layer_norm(qx, lp["qx_norm"]["scale"], lp["qx_norm"]["bias"], eps, one_p)
         kx = layer_norm(dense(y_x, lp["kx"]).reshape(r, -1, g, hd), lp["kx_norm"]["scale"], lp["kx_norm"]["bias"],
                         eps, one_p)
         vx = dense(y_x, lp["vx"]).reshape(r, -1, g, hd)
-        o_x = cross_attention(qx.reshape(r, ctn, hq, hd), kx, vx, y_mask).reshape(s, hq * hd)
+        o_x = cross_attention(qx.reshape(r, ctn, hq, hd), kx, vx, y_mask, impl).reshape(s, hq * hd)
         a = dense(jnp.concatenate([o_self, o_x], -1).astype(jnp.float32), lp["proj"], jnp.float32)
         pn = lp["attn_post_norm"]
         h = (h.astype(jnp.float32) + layer_norm(a * g_attn.astype(jnp.float32), pn["scale"], pn["bias"], eps, one_p)
              ).astype(dt_)
         m = layer_norm(h, lp["mlp_norm"]["scale"], lp["mlp_norm"]["bias"], eps)
-        m = dense(jax.nn.gelu(dense(m, lp["fc1"]).astype(jnp.float32), approximate=False).astype(dt_), lp["fc2"])
+        z = dense(m, lp["fc1"]).astype(jnp.float32)
+        if cfg.gated_linear_unit:  # SwiGLU: silu of the first half times the second
+            act = jax.nn.silu(z[:, :cfg.ffn_hidden_size]) * z[:, cfg.ffn_hidden_size:]
+        else:
+            act = jax.nn.gelu(z, approximate=False)
+        m = dense(act.astype(dt_), lp["fc2"])
         pn = lp["mlp_post_norm"]
         h = (h.astype(jnp.float32) + layer_norm(m.astype(jnp.float32) * g_mlp.astype(jnp.float32), pn["scale"],
                                                 pn["bias"], eps, one_p)).astype(dt_)

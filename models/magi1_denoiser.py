@@ -11,6 +11,7 @@ and the clean re-encode (step 2) is ``encode_clean``, called by the sampler at s
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import numpy as np
 from flowcache_jax.denoiser import ChunkOutput, SlotInfo
 from flowcache_jax.kv import buffer as kvbuf
 from flowcache_jax.kv.compress import CompressConfig
-from models.magi1 import Magi1Config, forward_call, patchify
+from models.magi1 import Magi1Config, caption_projection, forward_call, patchify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Magi1Denoiser:
     compression: CompressConfig | None = None  # scoring settings; its budget is set from the layout
     query_granularity: str = "frame"  # queries scored at a compression: last 50 tokens / last frame / chunk
     prefix_chunks: int = 0  # clean chunks given before the video (continuation): ``cond["prefix"]``, see prepare_kv
+    constrain: Any = None  # the sharding hook (flowcache_jax.sharding.Layout); None on one device
 
     @property
     def chunk_shape(self) -> tuple[int, int, int, int]:
@@ -72,8 +74,7 @@ class Magi1Denoiser:
         return jax.random.normal(key, (batch, *self.chunk_shape), jnp.float32)
 
     def init_kv(self, batch: int, window: int) -> dict:
-        if batch != 1:
-            raise ValueError("the MAGI-1 sampler runs one video at a time (batch=1)")
+        """The K/V buffer (and compression state) of one video, with a leading batch axis for ``batch`` > 1."""
         c, lay = self.cfg, self.layout
         buf = kvbuf.empty(lay, c.num_layers, c.num_query_groups, c.kv_channels, c.jdtype)
         kv = {"buf": buf}
@@ -82,12 +83,23 @@ class Magi1Denoiser:
             kv.update(last_q=jnp.zeros(q_shape, buf.k.dtype),
                       last_idx=jnp.zeros((c.num_layers, c.num_query_groups, lay.history_rows), jnp.int32),
                       events=jnp.zeros((), jnp.int32))
-        return kv
+        return kv if batch == 1 else jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, *a.shape)), kv)
+
+    @staticmethod
+    def _batched(kv: dict) -> bool:
+        return kv["buf"].k.ndim == 5  # [batch, layers, rows, G, d]
+
+    @staticmethod
+    def _videos(fn, x: jax.Array, kv: dict):
+        """``fn(x [1, ...], kv)`` of every video of a batch (vmapped over the videos and their buffers): a batch
+        shares the decisions and conditions, each video has its own latents and K/V."""
+        return jax.vmap(lambda xb, kvb: fn(xb[None], kvb))(x, kv)
 
     def metric_features(self, params: dict, x: jax.Array, t: jax.Array) -> jax.Array:
         """The patch embedder's output (bias-free linear), FlowCache's MAGI metric (spec flowcache §1.3)."""
-        tok = patchify(self.cfg, x[0].astype(jnp.float32) * self.cfg.x_rescale_factor)
-        return tok @ params["x_embed"]["kernel"].astype(jnp.float32)
+        tok = jax.vmap(lambda xb: patchify(self.cfg, xb.astype(jnp.float32) * self.cfg.x_rescale_factor))(x)
+        out = tok @ params["x_embed"]["kernel"].astype(jnp.float32)
+        return out[0] if x.shape[0] == 1 else out
 
     def _first_key_chunk(self, chunk: jax.Array, k: jax.Array | None) -> jax.Array:
         """Oldest chunk a chunk attends to: 0 (full history) or its stage's window of chunks."""
@@ -104,8 +116,14 @@ class Magi1Denoiser:
         """First key row of a chunk's range in the reference's index space."""
         return self._first_key_chunk(chunk, k) * self.tokens_per_chunk
 
+    def prepare_cond(self, params: dict, cond: dict) -> dict:
+        """The captions' cross-attention projections (``y_x``, ``null_y_x``), once per prompt instead of per call."""
+        fn = jax.jit(lambda p, y: caption_projection(p, y, self.cfg.jdtype))
+        return dict(cond, y_x=fn(params, jnp.asarray(cond["y"])), null_y_x=fn(params, jnp.asarray(cond["null_y"])))
+
     def _call(self, params: dict, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array, kv: dict,
-              chunk: jax.Array, first: jax.Array | None, write: bool, k: jax.Array) -> tuple[jax.Array, dict]:
+              chunk: jax.Array, first: jax.Array | None, write: bool, k: jax.Array,
+              y_x: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """One chunk forward at ``chunk``'s position; it sees buffer rows of chunks in [first, chunk) (none if
         ``first`` is None) plus itself, and writes its K/V into its slot when ``write``."""
         ctn, buf = self.tokens_per_chunk, kv["buf"]
@@ -115,7 +133,8 @@ class Magi1Denoiser:
         vel, (bk, bv), inter = forward_call(
             self.cfg, params, x[0], t[None], y[None], mask[None], kv_range, (buf.k, buf.v), chunk, self.num_steps,
             int(write), interval, self.key_tile, buffer_mask=kvbuf.read_mask(buf, chunk, first),
-            write_start=self.layout.slot_start(chunk), capture_queries=nq)
+            write_start=self.layout.slot_start(chunk), capture_queries=nq,
+            y_x=None if y_x is None else y_x[None], constrain=self.constrain)
         buf = buf.replace(k=bk, v=bv)
         kv = dict(kv, buf=kvbuf.mark_written(buf, self.layout, chunk) if write else buf)
         if nq:
@@ -124,15 +143,24 @@ class Magi1Denoiser:
 
     def forward_chunk(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict
                       ) -> tuple[ChunkOutput, dict]:
+        if not self._batched(kv):
+            return self._forward_one(params, cond, x, info, kv)
+        out, kv = self._videos(lambda xb, kvb: self._forward_one(params, cond, xb, info, kvb), x, kv)
+        return jax.tree.map(lambda a: a[:, 0], out), kv
+
+    def _forward_one(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict
+                     ) -> tuple[ChunkOutput, dict]:
         y, mask = cond["y"][info.chunk], cond["mask"][info.chunk]
+        y_x = cond["y_x"][info.chunk] if "y_x" in cond else None
         chunk = info.chunk + self.prefix_chunks  # the model's chunk index (RoPE, KV slot) counts the prefix
-        v, kv = self._call(params, x, info.t, y, mask, kv, chunk, self._first_key_chunk(chunk, info.k), True, info.k)
+        v, kv = self._call(params, x, info.t, y, mask, kv, chunk, self._first_key_chunk(chunk, info.k), True, info.k,
+                           y_x)
         if self.nearly_clean_k is not None and not self.discard_duplicate:
             dup = (info.position == 0) & (info.k >= self.nearly_clean_k)
 
             def duplicate(kv):  # same latent, time and caption at the slot after the window, sees only itself
                 vd, kv = self._call(params, x, info.t, y, mask, kv, info.window_end + self.prefix_chunks, None, False,
-                                    info.k)
+                                    info.k, y_x)
                 return self.prev_chunks_scale * v + (1 - self.prev_chunks_scale) * vd, kv
 
             v, kv = jax.lax.cond(dup, duplicate, lambda kv: (v, kv), kv)
@@ -145,6 +173,11 @@ class Magi1Denoiser:
 
     def probe_features(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict) -> jax.Array:
         """FirstBlockCache's metric: the first block's residual [S, D] of the chunk over the current buffer."""
+        if self._batched(kv):
+            return self._videos(lambda xb, kvb: self._probe_one(params, cond, xb, info, kvb), x, kv)
+        return self._probe_one(params, cond, x, info, kv)
+
+    def _probe_one(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict) -> jax.Array:
         cfg1 = dataclasses.replace(self.cfg, num_layers=1)
         p1 = dict(params, layers=jax.tree.map(lambda a: a[:1], params["layers"]))
         buf, ctn, chunk = kv["buf"], self.tokens_per_chunk, info.chunk + self.prefix_chunks
@@ -163,10 +196,15 @@ class Magi1Denoiser:
 
     def encode_clean(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict) -> dict:
         """Re-encode a finished chunk at ``clean_t`` with the null caption, only to write its K/V."""
-        chunk = info.chunk + self.prefix_chunks
-        _, kv = self._call(params, x, jnp.float32(self.clean_t), cond["null_y"][jnp.maximum(info.chunk, 0)],
-                           cond["null_mask"][jnp.maximum(info.chunk, 0)], kv, chunk,
-                           self._first_key_chunk(chunk, None), True, jnp.int32(0))
+        if self._batched(kv):
+            return self._videos(lambda xb, kvb: self._encode_one(params, cond, xb, info, kvb), x, kv)
+        return self._encode_one(params, cond, x, info, kv)
+
+    def _encode_one(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict) -> dict:
+        chunk, row = info.chunk + self.prefix_chunks, jnp.maximum(info.chunk, 0)
+        y_x = cond["null_y_x"][row] if "null_y_x" in cond else None
+        _, kv = self._call(params, x, jnp.float32(self.clean_t), cond["null_y"][row], cond["null_mask"][row], kv,
+                           chunk, self._first_key_chunk(chunk, None), True, jnp.int32(0), y_x)
         return kv
 
     def prepare_kv(self, params: dict, cond: dict, kv: dict) -> dict:
@@ -175,7 +213,10 @@ class Magi1Denoiser:
         for i in range(self.prefix_chunks):
             info = SlotInfo(chunk=jnp.int32(i - self.prefix_chunks), k=jnp.int32(0), t=jnp.float32(self.clean_t),
                             dt=jnp.float32(0.0), position=jnp.int32(-1), window_end=jnp.int32(i + 1))
-            kv = self.encode_clean(params, cond, cond["prefix"][i][None], info, kv)
+            x = cond["prefix"][i][None]  # the given clip is every video's start
+            if self._batched(kv):
+                x = jnp.broadcast_to(x, (kv["buf"].k.shape[0], *x.shape[1:]))
+            kv = self.encode_clean(params, cond, x, info, kv)
         return kv
 
     def end_stage(self, params: dict, kv: dict, finished: jax.Array, n_chunks: jax.Array) -> dict:
@@ -187,8 +228,10 @@ class Magi1Denoiser:
         trigger = (c >= lay.history_chunks) & (c + self.window < n_chunks + self.prefix_chunks)
 
         def compress(kv):
-            buf, idx = kvbuf.compact(kv["buf"], lay, c, kv["last_q"], self.compression)
-            return dict(kv, buf=buf, last_idx=idx, events=kv["events"] + 1)
+            def one(kv):
+                buf, idx = kvbuf.compact(kv["buf"], lay, c, kv["last_q"], self.compression)
+                return dict(kv, buf=buf, last_idx=idx, events=kv["events"] + 1)
+            return jax.vmap(one)(kv) if self._batched(kv) else one(kv)
 
         return jax.lax.cond(trigger, compress, lambda kv: kv, kv)
 

@@ -9,6 +9,15 @@ table resized to the tile's true grid is passed in (padded), and the decoder's p
 the final 3x3x3 conv so it sees the zero border upstream sees. Parameters are a nested dict whose per-block
 leaves are stacked on a leading layer axis (one ``lax.scan``); ``param_shapes`` shows the layout and
 ``converters/keymaps/magi1_vae.py`` fills it from upstream ``ViTVAE`` state dicts.
+
+Precision (``Magi1VAEConfig.dtype`` / ``param_dtype``; upstream GPU inference is bf16 throughout). ``dtype`` is
+the compute dtype: the operands of every matmul (patch embedding, qkv, proj, fc1/fc2, heads, the q k^T and p v
+products) and of the final conv, and the buffers of decoded / encoded tiles held until they are blended, are in
+it; accumulation is float32. Float32 as upstream's kernels compute it: the per-head q/k/v norm, LayerNorms, the
+attention scores and softmax (flash attention accumulates in float32), the GELU, the position table and its
+trilinear resize, the residual stream, the tile blending, the posterior. ``param_dtype`` is the storage dtype of
+the kernels (Linear / Conv weights), applied once by ``cast_params``; LayerNorm scales, biases, the CLS tokens and
+the position tables stay float32 ("" keeps the given arrays as they are).
 """
 
 from __future__ import annotations
@@ -82,10 +91,15 @@ class Magi1VAEConfig:
     qkv_bias: bool = True
     scale_factor: float = 0.18215
     tiling: Magi1TilingConfig = Magi1TilingConfig()
-    dtype: str = "float32"  # compute dtype of the matmuls; norms, softmax and the residual stream stay float32
+    dtype: str = "float32"  # compute dtype of the matmuls and tile buffers; norms, softmax, residual stay f32
+    param_dtype: str = ""  # storage dtype of the kernels ("" = as given); norms, biases, tables stay float32
     bf16_qkv: bool = False  # round the normalised q, k, v (and the attention output) to bf16, as upstream does
 
     def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.param_dtype not in ("", "float32", "bfloat16"):
+            raise ValueError(f"param_dtype must be '', float32 or bfloat16, got {self.param_dtype!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.embed_dim % (self.patch_size ** 2 * self.patch_length):
@@ -96,7 +110,8 @@ class Magi1VAEConfig:
     @classmethod
     def from_ddconfig(cls, d: dict, **kw: Any) -> Magi1VAEConfig:
         """From upstream's ``ddconfig``; flags selecting code paths that are not ported raise ValueError."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"scale_factor", "tiling", "dtype", "bf16_qkv"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"scale_factor", "tiling", "dtype", "param_dtype",
+                                                             "bf16_qkv"}
         flags = {f for f, _, _ in _REQUIRED_FLAGS}
         unknown = sorted(set(d) - names - flags - set(_IGNORED_KEYS))
         if unknown:
@@ -179,6 +194,22 @@ def init_params(cfg: Magi1VAEConfig, key: jax.Array) -> dict:
         else:
             values.append(jax.random.normal(k, s) * 0.02)
     return jax.tree.unflatten(jax.tree.structure(shapes, is_leaf=lambda x: isinstance(x, tuple)), values)
+
+
+def half_precision_leaf(path: str) -> bool:
+    """Whether the leaf at '/'-joined ``path`` is stored in ``param_dtype``: Linear / Conv kernels. LayerNorm
+    scales, biases, CLS tokens and position tables stay float32 (also what ``--dtype=bf16`` writes)."""
+    return path.rsplit("/", 1)[-1] == "kernel"
+
+
+def cast_params(cfg: Magi1VAEConfig, params: dict) -> dict:
+    """The parameters in their storage dtypes (see ``half_precision_leaf``); ``param_dtype`` "" returns them as is."""
+    if not cfg.param_dtype:
+        return params
+    flat, tree = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [jnp.asarray(v, cfg.param_dtype if half_precision_leaf("/".join(str(getattr(k, "key", k)) for k in p))
+                          else jnp.float32) for p, v in flat]
+    return jax.tree.unflatten(tree, leaves)
 
 
 # ----- position table --------------------------------------------------------------------------------------------
@@ -284,7 +315,8 @@ def trace_count(kind: str, cfg: Magi1VAEConfig, shape: tuple[int, ...]) -> int:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_tile(cfg: Magi1VAEConfig, p: dict, video: jax.Array, pos: jax.Array, valid: jax.Array) -> jax.Array:
-    """Encoder on one (padded) pixel tile [C, pl*t, ps*h, ps*w] -> moments [2z, t, h, w] (padding is garbage)."""
+    """Encoder on one (padded) pixel tile [C, pl*t, ps*h, ps*w] -> moments [2z, t, h, w] in ``cfg.dtype`` (the
+    tile buffer; padding is garbage)."""
     TRACE_COUNTS[("encode", cfg, tuple(video.shape))] += 1
     c, tt, hh, ww = video.shape
     pl, ps = cfg.patch_length, cfg.patch_size
@@ -297,13 +329,14 @@ def _encode_tile(cfg: Magi1VAEConfig, p: dict, video: jax.Array, pos: jax.Array,
     key_valid = jnp.concatenate([jnp.ones((1,), bool), _grid_mask(grid, valid)])
     x = _blocks(cfg, p["layers"], x, key_valid)
     x = layer_norm(x, p["norm"]["scale"], p["norm"]["bias"], _EPS_LN)
-    x = dense(x.astype(dt), p["out"], dt).astype(jnp.float32)[1:]
+    x = dense(x.astype(dt), p["out"], dt)[1:]
     return x.reshape(*grid, -1).transpose(3, 0, 1, 2)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode_tile(cfg: Magi1VAEConfig, p: dict, z: jax.Array, pos: jax.Array, valid: jax.Array) -> jax.Array:
-    """Decoder on one (padded) latent tile [z, t, h, w] -> [3, pl*t, ps*h, ps*w]; true region = ``valid`` * strides.
+    """Decoder on one (padded) latent tile [z, t, h, w] -> [3, pl*t, ps*h, ps*w] in ``cfg.dtype`` (the tile
+    buffer); true region = ``valid`` * strides.
 
     The unpatchified pixels outside the true region are zeroed before the 3x3x3 conv, so the true region sees
     exactly the zero padding the upstream conv sees on an unpadded tile.
@@ -325,7 +358,7 @@ def _decode_tile(cfg: Magi1VAEConfig, p: dict, z: jax.Array, pos: jax.Array, val
     y = jax.lax.conv_general_dilated(x[None].astype(dt), p["conv_out"]["kernel"].astype(dt), (1, 1, 1),
                                      [(1, 1)] * 3, dimension_numbers=("NCDHW", "DHWIO", "NCDHW"), precision=prec,
                                      preferred_element_type=jnp.float32)[0]
-    return y + p["conv_out"]["bias"].astype(jnp.float32)[:, None, None, None]
+    return (y + p["conv_out"]["bias"].astype(jnp.float32)[:, None, None, None]).astype(dt)
 
 
 # ----- untiled ---------------------------------------------------------------------------------------------------
@@ -344,8 +377,9 @@ def encode_moments(cfg: Magi1VAEConfig, params: dict, video: jax.Array) -> jax.A
     """``vae.encoder(video)``: [C, T, H, W] -> moments [2z, T/4, H/8, W/8] = concat(mean, raw logvar)."""
     v = _prepare_video(cfg, jnp.asarray(video))
     grid = tuple(n // s for n, s in zip(v.shape[1:], cfg.strides, strict=True))
+    params = cast_params(cfg, params)
     pos = position_table(cfg, params["encoder"]["pos_embed"], grid)
-    return _encode_tile(cfg, params["encoder"], v, pos, jnp.asarray(grid, jnp.int32))
+    return _encode_tile(cfg, params["encoder"], v, pos, jnp.asarray(grid, jnp.int32)).astype(jnp.float32)
 
 
 def posterior(moments: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -373,8 +407,9 @@ def decode(cfg: Magi1VAEConfig, params: dict, z: jax.Array) -> jax.Array:
     """``vae.decode``: latent [z, t, h, w] -> [3, 4t, 8h, 8w] unclamped (t == 1: pixel frame 0 only)."""
     z = jnp.asarray(z)
     grid = tuple(z.shape[1:])
+    params = cast_params(cfg, params)
     pos = position_table(cfg, params["decoder"]["pos_embed"], grid)
-    out = _decode_tile(cfg, params["decoder"], z, pos, jnp.asarray(grid, jnp.int32))
+    out = _decode_tile(cfg, params["decoder"], z, pos, jnp.asarray(grid, jnp.int32)).astype(jnp.float32)
     return out[:, :1] if grid[0] == 1 else out
 
 
@@ -464,8 +499,8 @@ def _blend(a: jax.Array, b: jax.Array, axis: int, extent: int) -> jax.Array:
 def _assemble(tiles: tuple[jax.Array, ...], grid: TileGrid) -> jax.Array:
     """Crop every raw tile to its true size, blend with the neighbour before it in t, then above, then left;
     crop to ``keep``; concatenate. Decode blends with the raw neighbours (upstream clones), encode with the
-    already-blended ones (upstream blends its tile list in place)."""
-    raw = [x[:, : s[0], : s[1], : s[2]] for x, s in zip(tiles, grid.out_sizes, strict=True)]
+    already-blended ones (upstream blends its tile list in place). Tiles of any dtype; blended in float32."""
+    raw = [x[:, : s[0], : s[1], : s[2]].astype(jnp.float32) for x, s in zip(tiles, grid.out_sizes, strict=True)]
     cur = list(raw)
     nt, nh, nw = grid.counts
     src = cur if grid.blended_neighbours else raw
@@ -497,7 +532,7 @@ def tiled_decode(cfg: Magi1VAEConfig, params: dict, z: jax.Array) -> jax.Array:
     """TileProcessor.tiled_decode: latent [z, t, h, w] -> [3, T, H, W] float, unclamped (pipeline semantics)."""
     z = jnp.asarray(z)
     grid = decode_grid(cfg, tuple(z.shape[1:]))
-    p = params["decoder"]
+    p = cast_params(cfg, params)["decoder"]
     tables: dict = {}
     outs = []
     for zt, size in zip(_tile_inputs(z, grid), grid.sizes, strict=True):
@@ -520,7 +555,7 @@ def tiled_encode(cfg: Magi1VAEConfig, params: dict, video: jax.Array, sample: bo
     grid = encode_grid(cfg, tuple(video.shape[1:]))
     if sample and noise_fn is None and key is None:
         raise ValueError("sample=True needs a PRNG key (or a noise_fn)")
-    p = params["encoder"]
+    p = cast_params(cfg, params)["encoder"]
     tables: dict = {}
     outs = []
     for k, (vt, size, lat) in enumerate(zip(_tile_inputs(video, grid), grid.sizes, grid.out_sizes, strict=True)):
@@ -533,7 +568,7 @@ def tiled_encode(cfg: Magi1VAEConfig, params: dict, video: jax.Array, sample: bo
         if not sample:
             outs.append(moments[: cfg.z_chans])
             continue
-        mean, _, std = posterior(moments[:, : lat[0], : lat[1], : lat[2]])
+        mean, _, std = posterior(moments[:, : lat[0], : lat[1], : lat[2]].astype(jnp.float32))
         shape = (cfg.z_chans, *lat)
         eps = noise_fn(k, shape) if noise_fn is not None else jax.random.normal(jax.random.fold_in(key, k), shape)
         outs.append(mean + std * jnp.asarray(eps, jnp.float32).reshape(shape))
@@ -575,7 +610,9 @@ class Magi1VAE(ParamsModule):
     """The MAGI-1 ViT VAE as an NNX module: parameters as ``nnx.Param`` leaves of ``param_shapes``' layout."""
 
     def __init__(self, cfg: Magi1VAEConfig, params: dict | None = None, *, rngs: nnx.Rngs | None = None):
-        super().__init__(cfg, params, init_params, rngs)
+        """``params`` (or random ones) are held in their storage dtypes (``cast_params``: once, here)."""
+        super().__init__(cfg, None if params is None else cast_params(cfg, params),
+                         lambda c, k: cast_params(c, init_params(c, k)), rngs)
 
     def encode(self, video: jax.Array, sample: bool = False, key: jax.Array | None = None) -> jax.Array:
         return encode(self.cfg, self.param_dict(), video, sample, key)

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flowcache_jax.denoiser import ChunkOutput, SlotInfo
+from models import attention as attn
 from models.layers import dense
 from models.skyreels_v2 import (
     SkyReelsConfig,
+    cross_kv,
     head,
     patchify,
     rope_tables,
@@ -49,6 +52,7 @@ class SkyReelsDenoiser:
     attention: str = "block_causal"  # the window executor's self-attention: "block_causal" or "full"
     key_tile: int = 4096
     branches: int = 2
+    constrain: Any = None  # the sharding hook (flowcache_jax.sharding.Layout); None on one device
 
     def __post_init__(self):
         if self.executor not in EXECUTORS:
@@ -79,10 +83,12 @@ class SkyReelsDenoiser:
     # ----- conditions -----------------------------------------------------------------------------
     def prepare_cond(self, params: dict, context: jax.Array, negative_context: jax.Array, fps: int,
                      guidance: float, addnoise_condition: int = 0) -> dict:
-        """The run's conditions: both text embeddings once, fps index, guidance and addnoise as traced values."""
+        """The run's conditions: both texts' cross-attention K/V of every block once (``ctx`` per branch: a (K, V)
+        pair [layers, L, heads, hd]), fps index, guidance and addnoise as traced values."""
         embed = _text_fn(self.cfg)
         ctx = (embed(params, jnp.asarray(context)), embed(params, jnp.asarray(negative_context)))
-        extra = {"ctx_both": jnp.stack(ctx)} if ctx[0].shape == ctx[1].shape else {}  # the branches can batch
+        extra = {"ctx_both": jax.tree.map(lambda a, b: jnp.stack([a, b]), *ctx)} if ctx[0][0].shape == ctx[1][0].shape \
+            else {}  # the branches can batch
         return {"ctx": ctx, **extra,
                 "fps": jnp.int32(fps), "guidance": jnp.float32(guidance),
                 "a": jnp.float32(0.001 * addnoise_condition)}
@@ -109,7 +115,7 @@ class SkyReelsDenoiser:
             return ()
         c = self.cfg
         shape = (self.branches, c.num_layers, self.groups * self.tokens_per_group, c.num_heads, c.head_dim)
-        return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
+        return jnp.zeros(shape, jnp.dtype(c.dtype)), jnp.zeros(shape, jnp.dtype(c.dtype))
 
     def _model_t(self, t: jax.Array) -> jax.Array:
         """The integer model timestep the schedule encoded as t = 1 - model_t / 1000."""
@@ -155,9 +161,9 @@ class SkyReelsDenoiser:
         """Block g's transformer pass over one branch's buffer: writes its slot, attends to slots 0..g."""
         n = self.tokens_per_group
         cos, sin = (jax.lax.dynamic_slice_in_dim(jnp.asarray(a), g * n, n) for a in self._rope())
-        ranges = jnp.broadcast_to(jnp.stack([jnp.int32(0), (g + 1) * n]), (n, 1, 2))
-        h_out, (k, v), _ = run_blocks(self.cfg, params, h_in, e0, jnp.arange(n) // self.hw, ctx, cos, sin, ranges,
-                                      self.key_tile, kv=(k, v), write_start=g * n)
+        h_out, (k, v), _ = run_blocks(self.cfg, params, h_in, e0, jnp.arange(n) // self.hw, ctx, cos, sin, None,
+                                      self.key_tile, kv=(k, v), write_start=g * n,
+                                      keys=attn.Keys("prefix", length=(g + 1) * n), constrain=self.constrain)
         return h_out, k, v
 
     def forward_chunk(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: tuple
@@ -223,14 +229,13 @@ class SkyReelsDenoiser:
 
     def _window_call(self, params: dict, embed: tuple, ctx: jax.Array, w: int) -> tuple[jax.Array, jax.Array]:
         (h_in, tc), c = embed, self.cfg
-        n, pt = h_in.shape[0], c.patch_size[0]
+        n = h_in.shape[0]
         frame_of = jnp.arange(n) // self.hw
-        ranges = None
-        if self.attention == "block_causal":
-            end = (frame_of // (self.block // pt) + 1) * self.tokens_per_group
-            ranges = jnp.stack([jnp.zeros_like(end), end], -1)[:, None, :]
+        keys = attn.Keys("blocks", block=self.tokens_per_group) if self.attention == "block_causal" else \
+            attn.Keys("full")
         cos, sin = (jnp.asarray(a) for a in self._rope())
-        h, _, _ = run_blocks(c, params, h_in, tc["e0"], frame_of, ctx, cos, sin, ranges, self.key_tile)
+        h, _, _ = run_blocks(c, params, h_in, tc["e0"], frame_of, ctx, cos, sin, None, self.key_tile, keys=keys,
+                             constrain=self.constrain)
         y = unpatchify(c, head(c, params, h, tc["e"], frame_of), w * self.block, self.latent_h, self.latent_w)
         v = jnp.moveaxis(y.reshape(c.out_dim, w, self.block, self.latent_h, self.latent_w), 1, 0)[:, None]
         return v, (h - h_in).reshape(w, self.tokens_per_group, c.dim)
@@ -253,7 +258,7 @@ class SkyReelsDenoiser:
 
 @functools.lru_cache(maxsize=16)
 def _text_fn(cfg: SkyReelsConfig):
-    return jax.jit(lambda p, ctx: text_embed(cfg, p, ctx))
+    return jax.jit(lambda p, ctx: cross_kv(cfg, p, text_embed(cfg, p, ctx)))
 
 
 @functools.lru_cache(maxsize=16)

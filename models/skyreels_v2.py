@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 
 from flowcache_jax.kv import compress as kvc
-from models.layers import ParamsModule, dense, layer_norm, range_attention
+from models import attention as attn
+from models.layers import ParamsModule, dense, layer_norm
 
 # The released SkyReels-V2-DF-1.3B WanModel config (keys its loader ignores take the code defaults), spec §3.1.
 SKYREELS_DF_1P3B = dict(model_type="t2v", dim=1536, ffn_dim=8960, freq_dim=256, in_dim=16, out_dim=16, num_heads=12,
@@ -38,7 +39,11 @@ class SkyReelsConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     inject_sample_info: bool = True  # the fps embedding of DF-1.3B
-    dtype: str = "float32"
+    dtype: str = "float32"  # activations, K/V buffers and text keys; the residual stream and norms stay float32
+    attention_impl: str = "tiled"  # models.attention.IMPLEMENTATIONS (the tiled path is the parity reference)
+
+    def __post_init__(self):
+        attn.check(self.attention_impl)
 
     @classmethod
     def from_upstream(cls, config: dict, dtype: str = "float32") -> SkyReelsConfig:
@@ -47,7 +52,7 @@ class SkyReelsConfig:
             raise ValueError(f"model_type {config.get('model_type')!r} is not supported; only t2v")
         if not config.get("qk_norm", True) or not config.get("cross_attn_norm", True):
             raise ValueError("qk_norm and cross_attn_norm must be true (as in every released SkyReels-V2 model)")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "attention_impl"}
         kw = {k: v for k, v in config.items() if k in names}
         if "patch_size" in kw:
             kw["patch_size"] = tuple(kw["patch_size"])
@@ -146,6 +151,18 @@ def time_conditions(cfg: SkyReelsConfig, p: dict, t: jax.Array, fps: int | jax.A
     return {"e": e, "e0": e0, "time_proj": proj}
 
 
+def cross_kv(cfg: SkyReelsConfig, p: dict, ctx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Every block's cross-attention keys (after their RMSNorm) and values [layers, L, heads, hd] of one text:
+    constant over a run, so computed once per prompt instead of once per block forward."""
+    heads, hd, eps = cfg.num_heads, cfg.head_dim, cfg.eps
+
+    def one(ca):
+        kx = rms_norm(dense(ctx, ca["k"]), ca["norm_k"]["scale"], eps).reshape(-1, heads, hd)
+        return kx, dense(ctx, ca["v"]).reshape(-1, heads, hd)
+
+    return jax.vmap(one)(p["layers"]["cross_attn"])
+
+
 def conditions(cfg: SkyReelsConfig, p: dict, t: jax.Array, context: jax.Array, fps: int | jax.Array) -> dict:
     """Text keys' source ``ctx``, per-frame time embedding ``e`` [F, D] and modulation ``e0`` [F, 6, D]."""
     return {"ctx": text_embed(cfg, p, context), **time_conditions(cfg, p, t, fps)}
@@ -154,8 +171,8 @@ def conditions(cfg: SkyReelsConfig, p: dict, t: jax.Array, context: jax.Array, f
 def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_of: jax.Array, ctx: jax.Array,
                cos: jax.Array, sin: jax.Array, ranges: jax.Array | None, key_tile: int = 4096,
                kv: tuple[jax.Array, jax.Array] | None = None, write_start: jax.Array | None = None,
-               with_intermediates: bool = False, key_mask: jax.Array | None = None, compress: dict | None = None
-               ) -> tuple:
+               with_intermediates: bool = False, key_mask: jax.Array | None = None, compress: dict | None = None,
+               keys: attn.Keys | None = None, constrain=None) -> tuple:
     """The transformer blocks on tokens ``h`` [n, D] (frame of each token: ``frame_of`` into ``e0``).
 
     Without ``kv`` self-attention sees the call's own tokens within ``ranges``. With a K/V buffer
@@ -164,14 +181,28 @@ def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_
     (possibly stale) slots of earlier groups. ``compress`` = {"rows": clean rows [Lk], "keep": first row of the
     slot that receives the kept tokens, "cfg": CompressConfig} compresses the clean rows in every layer with
     the tokens' own queries (spec flowcache §4.3); the kept indices are returned per layer.
+    ``keys`` says what ``ranges`` / ``key_mask`` mean (full, a prefix, block-causal) so that a fused attention
+    (``cfg.attention_impl``) gets its cheapest form; ``ctx`` is the text embedding [L, D] or its per-layer
+    cross-attention (K, V) from ``cross_kv``. ``constrain(x, logical_axes)`` is the sharding hook (None: one device).
     """
     n, d = h.shape
     heads, hd, eps = cfg.num_heads, cfg.head_dim, cfg.eps
     dt_ = jnp.dtype(cfg.dtype)
     ones, zeros = jnp.ones((d,)), jnp.zeros((d,))
+    shard = constrain or (lambda a, axes: a)
+    if keys is None:
+        keys = attn.Keys("full") if ranges is None and key_mask is None else attn.Keys(
+            "ranges", ranges=ranges, key_mask=key_mask)
+    elif key_mask is not None:
+        raise ValueError("pass key_mask inside keys")
+    if compress is not None and attn.resolve(cfg.attention_impl, dt_) != "tiled":
+        raise ValueError("KV compression inside the blocks runs on the tiled attention only")
+    pre_kv = isinstance(ctx, tuple)
+    xs = (p["layers"], jnp.arange(cfg.num_layers)) + ((ctx[0].astype(dt_), ctx[1].astype(dt_)) if pre_kv else ())
 
     def block(h, inputs):
-        lp, li = inputs
+        lp, li = inputs[:2]
+        h = shard(h, ("tokens", "embed"))
         m = lp["modulation"].astype(jnp.float32) + e0  # [F, 6, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = (m[:, i][frame_of] for i in range(6))
         y = (layer_norm(h, ones, zeros, eps) * (1 + scale1) + shift1).astype(dt_)
@@ -179,26 +210,32 @@ def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_
         q = apply_rope(rms_norm(dense(y, sa["q"]), sa["norm_q"]["scale"], eps).reshape(n, heads, hd), cos, sin)
         k = apply_rope(rms_norm(dense(y, sa["k"]), sa["norm_k"]["scale"], eps).reshape(n, heads, hd), cos, sin)
         v = dense(y, sa["v"]).reshape(n, heads, hd)
+        q = shard(q, ("tokens", "heads", "head_dim"))
         kept = (None, None, None)
         if kv is None:
-            keys, values = k, v
+            keys_, values = k, v
         else:
-            keys = jax.lax.dynamic_update_slice_in_dim(kv[0][li], k.astype(kv[0].dtype), write_start, 0)
+            keys_ = jax.lax.dynamic_update_slice_in_dim(kv[0][li], k.astype(kv[0].dtype), write_start, 0)
             values = jax.lax.dynamic_update_slice_in_dim(kv[1][li], v.astype(kv[1].dtype), write_start, 0)
             if compress is not None:
-                kc, vc = keys[compress["rows"]], values[compress["rows"]]
+                kc, vc = keys_[compress["rows"]], values[compress["rows"]]
                 idx, _ = kvc.select(kvc.scores(q, kc, compress["cfg"])["final"], compress["cfg"])
                 kept = (kvc.gather(kc, idx), kvc.gather(vc, idx), idx)
-                keys = jax.lax.dynamic_update_slice_in_dim(keys, kept[0], compress["keep"], 0)
+                keys_ = jax.lax.dynamic_update_slice_in_dim(keys_, kept[0], compress["keep"], 0)
                 values = jax.lax.dynamic_update_slice_in_dim(values, kept[1], compress["keep"], 0)
-        o = dense(range_attention(q, keys, values, ranges, key_tile, key_mask).reshape(n, d), sa["o"])
+        keys_, values = (shard(a, ("kv_tokens", "kv_heads", "head_dim")) for a in (keys_, values))
+        o = dense(attn.attend(q, keys_, values, keys, cfg.attention_impl, key_tile).reshape(n, d), sa["o"])
         h = h + o.astype(jnp.float32) * gate1
         xn = layer_norm(h, lp["norm3"]["scale"], lp["norm3"]["bias"], eps).astype(dt_)
         ca = lp["cross_attn"]
         qx = rms_norm(dense(xn, ca["q"]), ca["norm_q"]["scale"], eps).reshape(n, heads, hd)
-        kx = rms_norm(dense(ctx, ca["k"]), ca["norm_k"]["scale"], eps).reshape(-1, heads, hd)
-        vx = dense(ctx, ca["v"]).reshape(-1, heads, hd)
-        h = h + dense(range_attention(qx, kx, vx, None, key_tile).reshape(n, d), ca["o"]).astype(jnp.float32)
+        if pre_kv:
+            kx, vx = inputs[2:]
+        else:
+            kx = rms_norm(dense(ctx, ca["k"]), ca["norm_k"]["scale"], eps).reshape(-1, heads, hd)
+            vx = dense(ctx, ca["v"]).reshape(-1, heads, hd)
+        o_x = attn.attend(qx, kx, vx, attn.Keys("full"), cfg.attention_impl, key_tile)
+        h = h + dense(o_x.reshape(n, d), ca["o"]).astype(jnp.float32)
         y = (layer_norm(h, ones, zeros, eps) * (1 + scale2) + shift2).astype(dt_)
         f = lp["ffn"]
         y = dense(jax.nn.gelu(dense(y, f["fc1"]).astype(jnp.float32), approximate=True).astype(dt_), f["fc2"])
@@ -206,7 +243,7 @@ def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_
         own = (k, v) if kv is not None else (None, None)
         return h, (h if with_intermediates else None, *own, *kept)
 
-    h, (outs, ks, vs, k_keep, v_keep, idx) = jax.lax.scan(block, h, (p["layers"], jnp.arange(cfg.num_layers)))
+    h, (outs, ks, vs, k_keep, v_keep, idx) = jax.lax.scan(block, h, xs)
     if kv is not None:  # the tokens' K/V (and kept rows) go into the buffer once, after the layer loop
         zero = jnp.int32(0)
         kv = (jax.lax.dynamic_update_slice(kv[0], ks.astype(kv[0].dtype), (zero, write_start, zero, zero)),
@@ -236,7 +273,8 @@ def unpatchify(cfg: SkyReelsConfig, y: jax.Array, frames: int, hh: int, ww: int)
 
 
 def forward(cfg: SkyReelsConfig, p: dict, x: jax.Array, t: jax.Array, context: jax.Array, fps: int | jax.Array,
-            causal_block_size: int = 0, key_tile: int = 4096, with_intermediates: bool = False) -> tuple:
+            causal_block_size: int = 0, key_tile: int = 4096, with_intermediates: bool = False, constrain=None
+            ) -> tuple:
     """Velocity [C, F, H, W] of one window; ``t`` [F] integer timesteps; ``causal_block_size`` 0 = full attention."""
     c, frames, hh, ww = x.shape
     pt, ph, pw = cfg.patch_size
@@ -247,12 +285,9 @@ def forward(cfg: SkyReelsConfig, p: dict, x: jax.Array, t: jax.Array, context: j
     cond = conditions(cfg, p, t, context, fps)
     cos, sin = (jnp.asarray(a) for a in rope_tables(cfg.head_dim, fp, hp, wp))
     frame_of = jnp.arange(n) // hw
-    ranges = None  # full attention
-    if causal_block_size:
-        end = (frame_of // causal_block_size + 1) * causal_block_size * hw
-        ranges = jnp.stack([jnp.zeros_like(end), end], -1)[:, None, :]
-    h, _, outs = run_blocks(cfg, p, h, cond["e0"], frame_of, cond["ctx"], cos, sin, ranges, key_tile,
-                            with_intermediates=with_intermediates)
+    keys = attn.Keys("blocks", block=causal_block_size * hw) if causal_block_size else attn.Keys("full")
+    h, _, outs = run_blocks(cfg, p, h, cond["e0"], frame_of, cond["ctx"], cos, sin, None, key_tile,
+                            with_intermediates=with_intermediates, keys=keys, constrain=constrain)
     y = head(cfg, p, h, cond["e"], frame_of)
     out = unpatchify(cfg, y, frames, hh, ww)
     inter = None

@@ -6,6 +6,16 @@ a gated tanh-GELU FFN and a final norm; no embedding scaling. T5 v1.1 computes t
 shares it (``shared_pos=True``); umT5 has a table per layer. The padding mask is added as finfo(float32).min
 (as upstream), which is exact because every row has at least one valid key (the ``</s>``).
 
+Precision (``T5Config.dtype`` / ``param_dtype``): ``dtype`` is the compute dtype: the operands of every matmul
+(q/k/v/o, wi_0/wi_1/wo) and of the attention products (q k^T, p v) and the matmul outputs are rounded to it,
+accumulation is float32 (``preferred_element_type``). What upstream computes in float32 stays float32 here:
+the RMSNorms (HF/Wan take the variance in float32), the attention logits + position bias + mask and the softmax
+(both upstreams do ``softmax(scores.float())``), the GELU gate and the residual stream (upstream bf16 keeps the
+residual in bf16; float32 here is the more accurate side of that choice). ``param_dtype`` is the storage dtype of
+the weights, applied once by ``cast_params``: the matmul kernels and the embedding table go to ``param_dtype``;
+norm scales and the relative-position bias tables stay float32 (they are added / multiplied in float32 and are
+0.004% of umT5-XXL's parameters). "" keeps the given arrays as they are (a bf16 checkpoint stays bf16).
+
 Parameters are a nested dict whose per-block leaves are stacked on a leading layer axis (one ``lax.scan``):
 
     embed [V, D]                      pos_bias [buckets, H]          (shared_pos only)
@@ -50,10 +60,17 @@ class T5Config:
     max_distance: int = 128
     eps: float = 1e-6
     shared_pos: bool = dataclasses.field(kw_only=True)  # True: T5 v1.1 (block 0's table shared); False: umT5
-    dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype of the matmul operands (float32 | bfloat16); see the module docstring
+    param_dtype: str = ""  # storage dtype of kernels / embedding ("" = as given); norms and bias tables stay f32
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.param_dtype not in ("", "float32", "bfloat16"):
+            raise ValueError(f"param_dtype must be '', float32 or bfloat16, got {self.param_dtype!r}")
 
     @classmethod
-    def from_hf(cls, config: dict, dtype: str = "float32") -> T5Config:
+    def from_hf(cls, config: dict, dtype: str = "float32", param_dtype: str = "") -> T5Config:
         """From a transformers T5Config / UMT5Config dict; only the gated-GELU (v1.1) encoder is supported."""
         kind = config.get("model_type", "t5")
         if kind not in ("t5", "umt5"):
@@ -67,7 +84,8 @@ class T5Config:
                    num_layers=int(config["num_layers"]),
                    num_buckets=int(config.get("relative_attention_num_buckets", 32)),
                    max_distance=int(config.get("relative_attention_max_distance", 128)),
-                   eps=float(config.get("layer_norm_epsilon", 1e-6)), shared_pos=kind == "t5", dtype=dtype)
+                   eps=float(config.get("layer_norm_epsilon", 1e-6)), shared_pos=kind == "t5", dtype=dtype,
+                   param_dtype=param_dtype)
 
     @property
     def inner_dim(self) -> int:
@@ -138,6 +156,23 @@ def init_params(cfg: T5Config, key: jax.Array) -> dict:
     return jax.tree.unflatten(tree, leaves)
 
 
+def half_precision_leaf(path: str) -> bool:
+    """Whether the leaf at '/'-joined ``path`` is stored in ``param_dtype``: matmul kernels and the embedding
+    table. Norm scales and relative-position bias tables stay float32 (also what ``--dtype=bf16`` writes)."""
+    leaf = path.rsplit("/", 1)[-1]
+    return leaf in ("kernel", "embed")
+
+
+def cast_params(cfg: T5Config, params: dict) -> dict:
+    """The parameters in their storage dtypes (see ``half_precision_leaf``); ``param_dtype`` "" returns them as is."""
+    if not cfg.param_dtype:
+        return params
+    flat, tree = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [jnp.asarray(v, cfg.param_dtype if half_precision_leaf("/".join(str(getattr(k, "key", k)) for k in p))
+                          else jnp.float32) for p, v in flat]
+    return jax.tree.unflatten(tree, leaves)
+
+
 def relative_position_buckets(q_len: int, k_len: int, num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
     """Bidirectional T5 bucket of (key j - query i), [q_len, k_len] int64, bit-exact with the torch float32 path.
 
@@ -188,10 +223,12 @@ def encode(cfg: T5Config, params: dict, ids: jax.Array, mask: jax.Array,
 
     All positions are returned (pads hold real values: MAGI keeps them, Wan zeroes them, see ``wan_context``).
     ``cfg.dtype`` sets the matmul operands and activations (bfloat16 possible); norms, softmax and the residual
-    stream stay float32. With ``with_intermediates`` also returns {"embeddings" [B, L, D], "blocks"
+    stream stay float32; weights are first cast by ``cast_params`` (a no-op for ``param_dtype`` "", and for
+    weights already stored that way). With ``with_intermediates`` also returns {"embeddings" [B, L, D], "blocks"
     [B, num_layers, L, D] (raw block outputs, before the final norm), "final" [B, L, D]}.
     """
     dt = jnp.dtype(cfg.dtype)
+    params = cast_params(cfg, params)
     ids = jnp.asarray(ids, jnp.int32)
     b, length = ids.shape
     h_, dk = cfg.num_heads, cfg.d_kv
@@ -238,7 +275,9 @@ class T5Encoder(ParamsModule):
     """The T5 v1.1 / umT5 encoder as an NNX module: parameters as ``nnx.Param`` leaves of the layout above."""
 
     def __init__(self, cfg: T5Config, params: dict | None = None, *, rngs: nnx.Rngs | None = None):
-        super().__init__(cfg, params, init_params, rngs)
+        """``params`` (or random ones) are held in their storage dtypes (``cast_params``: once, here)."""
+        super().__init__(cfg, None if params is None else cast_params(cfg, params),
+                         lambda c, k: cast_params(c, init_params(c, k)), rngs)
 
     def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
         return encode(self.cfg, self.param_dict(), ids, mask)

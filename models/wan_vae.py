@@ -10,8 +10,13 @@ K chunks with a ``lax.cond`` that leaves the cache untouched for padded slots. S
 executables per direction, whatever the frame count, and a stream of latent frames can be decoded piece by
 piece with the state carried between calls (identical to a one-shot decode).
 
-With ``dtype="bfloat16"`` the conv / attention operands and the caches are bfloat16; norms, accumulation and
-the residual stream between blocks stay float32 (max |diff| to float32 ~3.5e-2 on the tiny fixture).
+Precision (``WanVAEConfig.dtype`` / ``param_dtype``; upstream runs this VAE in float32). With
+``dtype="bfloat16"`` the conv / dense / attention operands and every causal-conv cache (the scan state carried
+between chunks, half the bytes) are bfloat16; accumulation (``preferred_element_type``), biases, the RMS norms,
+SiLU, the attention softmax and the residual stream between blocks stay float32, as do the normalisation
+constants and the returned moments / frames (relative L2 error of a bf16 decode vs float32 ~1e-2 on the tiny
+fixture). ``param_dtype`` is the storage dtype of the conv / dense kernels, applied once by ``cast_params``;
+norm scales and biases stay float32 ("" keeps the given arrays as they are).
 
 Layout: activations channels-last [T, H, W, C]; 3-D conv kernels [kt, kh, kw, I, O], 2-D [kh, kw, I, O],
 1x1(x1) convs as dense kernels [I, O]; norms hold ``scale`` [C]. Public arrays are channel-first as upstream:
@@ -60,7 +65,8 @@ class WanVAEConfig:
     temperal_downsample: tuple[bool, ...] = (False, True, True)  # upstream's spelling
     latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
     latents_std: tuple[float, ...] = WAN21_LATENTS_STD
-    dtype: str = "float32"  # compute dtype of the convs / attention; norms and accumulation stay float32
+    dtype: str = "float32"  # compute dtype of the convs / attention and the caches; norms, accumulation f32
+    param_dtype: str = ""  # storage dtype of the kernels ("" = as given); norm scales and biases stay float32
 
     def __post_init__(self):
         for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
@@ -76,9 +82,11 @@ class WanVAEConfig:
                              f"{len(self.latents_mean)} / {len(self.latents_std)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.param_dtype not in ("", "float32", "bfloat16"):
+            raise ValueError(f"param_dtype must be '', float32 or bfloat16, got {self.param_dtype!r}")
 
     @classmethod
-    def from_kwargs(cls, d: Mapping[str, Any], dtype: str = "float32") -> WanVAEConfig:
+    def from_kwargs(cls, d: Mapping[str, Any], dtype: str = "float32", param_dtype: str = "") -> WanVAEConfig:
         """From ``WanVAE_`` kwargs (``dim``) or diffusers ``AutoencoderKLWan`` kwargs (``base_dim``), or a mix.
 
         Keys starting with ``_`` (diffusers' ``_class_name`` ...) are ignored; unknown keys and diffusers
@@ -93,12 +101,12 @@ class WanVAEConfig:
         dim = d.get("dim", d.get("base_dim", cls.dim))
         if d.get("decoder_base_dim") not in (None, dim):
             raise ValueError(f"decoder_base_dim={d['decoder_base_dim']} differs from the encoder's {dim}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dim", "dtype"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"dim", "dtype", "param_dtype"}
         unknown = sorted(set(d) - names - _IGNORED - set(_DIFFUSERS_FIXED) - {"dim", "base_dim"})
         if unknown:
             raise ValueError(f"unknown Wan VAE config keys: {', '.join(unknown)}")
         kw = {k: d[k] for k in names if k in d and d[k] is not None}
-        cfg = cls(dim=int(dim), **kw, dtype=dtype)
+        cfg = cls(dim=int(dim), **kw, dtype=dtype, param_dtype=param_dtype)
         for k, got in (("scale_factor_temporal", cfg.temporal_stride), ("scale_factor_spatial", cfg.spatial_stride)):
             if k in d and d[k] != got:
                 raise ValueError(f"{k}={d[k]} but the structure gives {got}")
@@ -236,6 +244,22 @@ def init_params(cfg: WanVAEConfig, key: jax.Array) -> dict:
         else:
             leaves.append(np.full(shape, 1.0 if path[-1].key == "scale" else 0.0, np.float32))
     return jax.tree.unflatten(tree, [jnp.asarray(v) for v in leaves])
+
+
+def half_precision_leaf(path: str) -> bool:
+    """Whether the leaf at '/'-joined ``path`` is stored in ``param_dtype``: conv and dense kernels. Norm scales
+    and biases stay float32 (also what ``--dtype=bf16`` writes)."""
+    return path.rsplit("/", 1)[-1] == "kernel"
+
+
+def cast_params(cfg: WanVAEConfig, params: dict) -> dict:
+    """The parameters in their storage dtypes (see ``half_precision_leaf``); ``param_dtype`` "" returns them as is."""
+    if not cfg.param_dtype:
+        return params
+    flat, tree = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [jnp.asarray(v, cfg.param_dtype if half_precision_leaf("/".join(str(getattr(k, "key", k)) for k in p))
+                          else F32) for p, v in flat]
+    return jax.tree.unflatten(tree, leaves)
 
 
 def param_count(cfg: WanVAEConfig) -> int:
@@ -427,8 +451,10 @@ def _programs(cfg: WanVAEConfig) -> _Programs:
 
 
 def programs_for(cfg: WanVAEConfig) -> _Programs:
-    """The shared compiled functions of ``cfg`` (the normalisation constants do not matter to them)."""
-    return _programs(dataclasses.replace(cfg, latents_mean=(0.0,) * cfg.z_dim, latents_std=(1.0,) * cfg.z_dim))
+    """The shared compiled functions of ``cfg`` (the normalisation constants and the storage dtype do not matter
+    to them: jit specialises on the parameters' dtypes)."""
+    return _programs(dataclasses.replace(cfg, latents_mean=(0.0,) * cfg.z_dim, latents_std=(1.0,) * cfg.z_dim,
+                                         param_dtype=""))
 
 
 def _pad_to(x: jax.Array, n: int, axis: int) -> jax.Array:
@@ -445,13 +471,14 @@ class WanVAEDecoder:
 
     ``decode(z)`` runs both over any number of latent frames with the same two executables per resolution;
     ``stream()`` keeps the state between calls so latent frames can be decoded as they are produced.
-    Inputs are raw latents (``denormalize`` the DiT's output first, or pass ``normalized=True``).
+    Inputs are raw latents (``denormalize`` the DiT's output first, or pass ``normalized=True``). ``params`` are
+    cast once to their storage dtypes (``cast_params``).
     """
 
     def __init__(self, cfg: WanVAEConfig, params: dict, block: int = 4):
         if block < 1:
             raise ValueError("block must be >= 1")
-        self.cfg, self.params, self.block = cfg, params, block
+        self.cfg, self.params, self.block = cfg, cast_params(cfg, params), block
         self._prog = programs_for(cfg)
 
     @property
@@ -522,7 +549,7 @@ class WanVAEEncoder:
     def __init__(self, cfg: WanVAEConfig, params: dict, block: int = 4):
         if block < 1:
             raise ValueError("block must be >= 1")
-        self.cfg, self.params, self.block = cfg, params, block
+        self.cfg, self.params, self.block = cfg, cast_params(cfg, params), block
         self._prog = programs_for(cfg)
 
     @property
@@ -635,7 +662,9 @@ class WanVAE(ParamsModule):
     """The Wan2.1 VAE as an NNX module: parameters as ``nnx.Param`` leaves of the layout above."""
 
     def __init__(self, cfg: WanVAEConfig, params: dict | None = None, *, rngs: nnx.Rngs | None = None):
-        super().__init__(cfg, params, init_params, rngs)
+        """``params`` (or random ones) are held in their storage dtypes (``cast_params``: once, here)."""
+        super().__init__(cfg, None if params is None else cast_params(cfg, params),
+                         lambda c, k: cast_params(c, init_params(c, k)), rngs)
 
     def encode(self, video: jax.Array) -> jax.Array:
         return encode(self.cfg, self.param_dict(), video)

@@ -48,7 +48,7 @@ def windowed(model, van, policy, executor: str, prefix_refresh: str = "every", s
              block: int | None = None) -> tuple[WindowedSampler, dict]:
     """The sampler of a fixture's DF call (shared by every policy of the same structure: the policy is passed to
     ``run``) and its conditions."""
-    key = (id(model[1]), str(van["call_kwargs_json"]), van["w0_noise"].shape, structure(policy), executor,
+    key = (model[0], id(model[1]), str(van["call_kwargs_json"]), van["w0_noise"].shape, structure(policy), executor,
            prefix_refresh, stage_len, block)
     if key not in _SAMPLERS:
         _SAMPLERS[key] = _windowed(model, van, policy, executor, prefix_refresh, stage_len, block)

@@ -112,5 +112,7 @@ def test_released_config_shapes():
     shapes = jax.tree.leaves(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
     n = sum(int(np.prod(s)) for s in shapes) - 128  # minus our timestep-frequency table
     assert n == 4_459_898_128
-    with pytest.raises(ValueError, match="gated_linear_unit"):
-        Magi1Config.from_upstream(dict(MAGI1_4P5B_DISTILL, gated_linear_unit=True))
+    swiglu = Magi1Config.from_upstream(dict(MAGI1_4P5B_DISTILL, gated_linear_unit=True))  # the 24B's MLP
+    assert param_shapes(swiglu)["layers"]["fc1"]["kernel"][-1] == 2 * swiglu.ffn_hidden_size
+    with pytest.raises(ValueError, match="half_channel_vae"):
+        Magi1Config.from_upstream(dict(MAGI1_4P5B_DISTILL, half_channel_vae=True))

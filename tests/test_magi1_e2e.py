@@ -424,7 +424,8 @@ KV_RUNS = sorted(k[: -len("_decision")] for k in KV if k.endswith("_decision"))
 
 
 @functools.cache
-def run_kv(prefix: str, window: int | None = None, total: int | None = None, extra_chunks: int = 0):
+def run_kv(prefix: str, window: int | None = None, total: int | None = None, extra_chunks: int = 0,
+           attention: str = "tiled"):
     """A FlowCache run of the fork with KV compression on: window and buffer size from the file, or (a constructed
     configuration without recorded arrays) given, with ``extra_chunks`` more chunks of seeded noise and the last
     chunk's caption."""
@@ -446,7 +447,8 @@ def run_kv(prefix: str, window: int | None = None, total: int | None = None, ext
                           weighting=str(KV["score_weighting_method"]))
     den = dataclasses.replace(den, steps_per_stage=den.num_steps // window, cache_chunks=total, compression=comp,
                               query_granularity=str(KV["query_granularity"]),
-                              discard_duplicate=bool(KV[prefix + "_discard_nearly_clean_chunk"]))
+                              discard_duplicate=bool(KV[prefix + "_discard_nearly_clean_chunk"]),
+                              cfg=dataclasses.replace(den.cfg, attention_impl=attention))
     table = magi_schedule(den.n_chunks, window, den.num_steps, VANILLA["t_schedule"])
     policy = FlowCache(threshold=float(KV[prefix + "_thresh"]), warmup=int(KV[prefix + "_warmup"]))
     sampler = Sampler(den, policy, table.window, 1, reencode_clean=False)
@@ -614,3 +616,34 @@ def test_kv_tracker_constructed_windows(window):
     assert events and all(ev["L0_active"] for ev in events)
     check_tracker_invariants(events, den.tokens_per_chunk)
     assert np.isfinite(res.video).all()
+
+
+def test_fused_attention_vanilla_and_kv_compressed_trajectories():
+    """jax.nn.dot_product_attention (one masked call per chunk over [buffer ; own rows], the captions projected
+    once per prompt) gives the fixture's vanilla trajectory as the tiled reference does, and the same latents as
+    the tiled path with the compressed (masked, fixed-size) buffer."""
+    params, den, table, cond, noise = setup()
+    fused = dataclasses.replace(den, cfg=dataclasses.replace(den.cfg, attention_impl="xla"))
+    res = Sampler(fused, Vanilla(), table.window, 1, reencode_clean=True).run(
+        params, fused.prepare_cond(params, cond), table, jax.random.PRNGKey(0), progress=False, initial_noise=noise)
+    np.testing.assert_allclose(to_ncthw(res.video), VANILLA["latent_final"], **LATENT_TOL)
+    prefix = KV_RUNS[0]
+    _, _, res = run_kv(prefix, attention="xla")
+    np.testing.assert_array_equal(per_chunk(res, "reason", KV[prefix + "_decision"].shape[1], -1),
+                                  KV[prefix + "_decision"])
+    ref = KV[prefix + "_latent_final"]
+    assert np.abs(to_ncthw(res.video) - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_batch_of_two_videos_is_each_video_alone():
+    """batch=2: each video has its own latents and K/V buffer (vmapped), the decisions are shared; with every
+    chunk computed each video equals its own batch-1 run, and the first is the fixture's."""
+    params, den, table, cond, noise = setup()
+    other = np.random.default_rng(1).standard_normal(noise.shape).astype(noise.dtype)
+    both = Sampler(den, Vanilla(), table.window, 2, reencode_clean=True).run(
+        params, cond, table, jax.random.PRNGKey(0), progress=False, initial_noise=np.concatenate([noise, other]))
+    alone = Sampler(den, Vanilla(), table.window, 1, reencode_clean=True).run(
+        params, cond, table, jax.random.PRNGKey(0), progress=False, initial_noise=other)
+    np.testing.assert_allclose(to_ncthw(both.video[:1]), VANILLA["latent_final"], **LATENT_TOL)
+    np.testing.assert_allclose(both.video[1], alone.video[0], rtol=1e-5, atol=1e-5)
+    assert np.abs(both.video[1] - both.video[0]).max() > 0.1

@@ -190,3 +190,20 @@ def test_bf16_activations(model, case_a):
     assert vel.dtype == jnp.float32
     err = np.abs(np.asarray(vel) - case_a["fwd0_out"][0]).max() / np.abs(case_a["fwd0_out"]).max()
     assert err < 3e-2, err
+
+
+@pytest.mark.parametrize("impl", ["xla"])  # "fused" is XLA on a CPU (models.attention.resolve)
+def test_fused_attention_matches_the_fixture(model, case_a, case_b, impl):
+    """jax.nn.dot_product_attention (one masked call per chunk over [buffer ; own rows]) on every case: the
+    fixture's outputs and K/V at the tight budget, as the tiled reference."""
+    import dataclasses
+
+    cfg, params = model
+    cfg = dataclasses.replace(cfg, attention_impl=impl)
+    vel, _, _ = run_call(cfg, params, case_a, "")
+    close(vel, case_a["fwd0_out"][0], **TIGHT)
+    vel, cache, _ = run_call(cfg, params, case_b, "B1_", empty_cache(cfg, case_b))
+    close(vel, case_b["B1_fwd0_out"][0], **TIGHT)
+    vel, cache, _ = run_call(cfg, params, case_b, "B2_", cache)
+    close(vel, case_b["B2_fwd0_out"][0], **TIGHT)
+    close(joined(cache), case_b["B2_fwd0_kv_cache_after"], **TIGHT)

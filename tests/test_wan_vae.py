@@ -156,8 +156,8 @@ def test_vae_compile_count_independent_of_frame_count(fx, params, decoded):
     dec, enc = wv.WanVAEDecoder(cfg, p), wv.WanVAEEncoder(cfg, p)
     z = wv.denormalize(cfg, c["dec_latent"])
     wv.encode(cfg, p, c["video"])  # both directions compiled at this resolution (module fixtures did it too)
-    n_dec, n_enc = dec.trace_count, enc.trace_count
-    assert n_dec <= 2 and n_enc <= 2
+    n_dec, n_enc = dec.trace_count, enc.trace_count  # per process: other tests may have traced other param dtypes
+    assert n_dec >= 2 and n_enc >= 1
     ts, t_lat = cfg.temporal_stride, z.shape[1]
     for n in (1, 2, 2 * t_lat - 1, t_lat + 2 * dec.block + 1):  # several blocks, partial blocks, a single frame
         idx = np.arange(n) % t_lat

@@ -40,4 +40,11 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
         ratios=(), max_skips=4,  # MagCache: calibrated ratios per step (empty: calibrate), skip cap
         metric="input",  # what the rule reads: the chunk's input features
         semantics="intended"))  # TeaCache: "reference" = the FlowCache fork's MAGI rule (README, TeaCache)
+    # Precision and attention (README, GPU execution): dtype of activations / K/V / caches and of the stored weights
+    # ("" = the checkpoint's), attention "fused" (jax.nn.dot_product_attention: cuDNN flash on a GPU, XLA elsewhere),
+    # "xla", "cudnn" or "tiled" (the hand-written online-softmax reference).
+    c.compute = ml_collections.ConfigDict(dict(dtype="", param_dtype="", attention="fused"))
+    # Device mesh (README, Device mesh): axis sizes whose product is the device count; data = CFG branches / batch,
+    # fsdp = parameters sharded, seq = a chunk's tokens sharded for attention (context parallel).
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, seq=1))
     return c
