@@ -125,14 +125,26 @@ def range_attention(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array 
     return out.transpose(2, 0, 1, 3).reshape(s, hq, d).astype(q.dtype)
 
 
-def cast_params(params: dict, param_dtype: str) -> dict:
-    """Weights stored in ``param_dtype`` ("" keeps them): matrices (ndim >= 2: kernels, embedding and modulation
-    tables) are cast, vectors (norm scales, biases, frequency tables) stay as they are — float32 where the
-    checkpoint is — since they are tiny and upstream applies them in float32."""
+def cast_tree(params: dict, param_dtype: str, half, rest_dtype=None) -> dict:
+    """Weights stored in ``param_dtype`` ("" returns them as they are): the leaves ``half(path, leaf)`` selects take
+    it ('/'-joined path), the others keep their dtype, or ``rest_dtype`` when given. Host arrays stay on the host."""
     if not param_dtype:
         return params
     dt = jnp.dtype(param_dtype)
-    return jax.tree.map(lambda a: a.astype(dt) if jnp.ndim(a) >= 2 else a, params)  # host arrays stay on the host
+
+    def one(path, a):
+        if half("/".join(str(getattr(k, "key", k)) for k in path), a):
+            return a.astype(dt)
+        return a if rest_dtype is None else a.astype(rest_dtype)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def cast_params(params: dict, param_dtype: str) -> dict:
+    """A DiT's weights in ``param_dtype``: matrices (ndim >= 2: kernels, embedding and modulation tables) are cast,
+    vectors (norm scales, biases, frequency tables) keep their dtype (float32 where the checkpoint's is): they are
+    tiny and upstream applies them in float32."""
+    return cast_tree(params, param_dtype, lambda path, a: jnp.ndim(a) >= 2)
 
 
 class ParamsModule(nnx.Module):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import ParamsModule
+from models.layers import ParamsModule, cast_tree
 
 # Real sizes in transformers config form (for abstract full-size checks: parameter counts, memory, shapes).
 T5_V1_1_XXL = dict(model_type="t5", architectures=["T5EncoderModel"], vocab_size=32128, d_model=4096, d_kv=64,
@@ -165,12 +165,7 @@ def half_precision_leaf(path: str) -> bool:
 
 def cast_params(cfg: T5Config, params: dict) -> dict:
     """The parameters in their storage dtypes (see ``half_precision_leaf``); ``param_dtype`` "" returns them as is."""
-    if not cfg.param_dtype:
-        return params
-    flat, tree = jax.tree_util.tree_flatten_with_path(params)
-    leaves = [jnp.asarray(v, cfg.param_dtype if half_precision_leaf("/".join(str(getattr(k, "key", k)) for k in p))
-                          else jnp.float32) for p, v in flat]
-    return jax.tree.unflatten(tree, leaves)
+    return cast_tree(params, cfg.param_dtype, lambda path, a: half_precision_leaf(path), jnp.float32)
 
 
 def relative_position_buckets(q_len: int, k_len: int, num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import ParamsModule
+from models.layers import ParamsModule, cast_tree
 
 F32 = jnp.float32
 
@@ -254,12 +254,7 @@ def half_precision_leaf(path: str) -> bool:
 
 def cast_params(cfg: WanVAEConfig, params: dict) -> dict:
     """The parameters in their storage dtypes (see ``half_precision_leaf``); ``param_dtype`` "" returns them as is."""
-    if not cfg.param_dtype:
-        return params
-    flat, tree = jax.tree_util.tree_flatten_with_path(params)
-    leaves = [jnp.asarray(v, cfg.param_dtype if half_precision_leaf("/".join(str(getattr(k, "key", k)) for k in p))
-                          else F32) for p, v in flat]
-    return jax.tree.unflatten(tree, leaves)
+    return cast_tree(params, cfg.param_dtype, lambda path, a: half_precision_leaf(path), jnp.float32)
 
 
 def param_count(cfg: WanVAEConfig) -> int:
