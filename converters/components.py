@@ -91,7 +91,9 @@ def _detect_skyreels(keys: list[str]) -> str | None:
 
 
 def _dit_keep_f32(path: str) -> bool:
-    return not path.startswith("layers/")
+    from models.layers import dit_half_precision_leaf
+
+    return not dit_half_precision_leaf(path)
 
 
 # ----- text encoders -------------------------------------------------------------------------------------------

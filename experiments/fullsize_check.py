@@ -105,22 +105,21 @@ def memory(compiled: Any) -> dict[str, Any]:
             "peak_gb": peak / 1e9}
 
 
-def _weight_dtype(name: str, dtype: str) -> Any:
-    """bf16 weights except norms and frequency tables (as converters.release --dtype=bf16 stores them)."""
+def _abstract(shapes: dict, dtype: str, shardings: Any = None, half: Callable[[str], bool] | None = None) -> Any:
+    """ShapeDtypeStructs of a ``param_shapes`` tree in the dtypes ``converters.release --dtype=bf16`` stores: bf16
+    where the model's rule ``half(path)`` says (default: the DiTs' ``dit_half_precision_leaf``), float32 elsewhere;
+    with the NamedShardings of ``shardings`` (a matching tree)."""
+    import jax
     import jax.numpy as jnp
 
-    if dtype == "float32" or "norm" in name or name in ("rope_bands", "t_freqs"):
-        return jnp.float32
-    return jnp.bfloat16
+    from models.layers import dit_half_precision_leaf
 
-
-def _abstract(shapes: dict, dtype: str, shardings: Any = None) -> Any:
-    """ShapeDtypeStructs of a ``param_shapes`` tree, with the NamedShardings of ``shardings`` (a matching tree)."""
-    import jax
+    half = half or dit_half_precision_leaf
 
     def leaf(path, s, sh=None):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
-        return jax.ShapeDtypeStruct(s, _weight_dtype(name, dtype), sharding=sh)
+        bf16 = dtype == "bfloat16" and half(name)
+        return jax.ShapeDtypeStruct(s, jnp.bfloat16 if bf16 else jnp.float32, sharding=sh)
 
     is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
     if shardings is None:
@@ -420,12 +419,12 @@ def check_text_encoder(name: str, tokens: int, opt: Options) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from models.t5 import T5_V1_1_XXL, UMT5_XXL, T5Config, encode, param_shapes
+    from models.t5 import T5_V1_1_XXL, UMT5_XXL, T5Config, encode, half_precision_leaf, param_shapes
 
     cfg = T5Config.from_hf(T5_V1_1_XXL if name == "t5" else UMT5_XXL, dtype=opt.dtype)
 
     def make(c):
-        p = _abstract(param_shapes(c), opt.dtype)
+        p = _abstract(param_shapes(c), opt.dtype, half=half_precision_leaf)
         ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
         return (lambda p, i, m: encode(c, p, i, m)), p, ids, ids
 
@@ -440,11 +439,11 @@ def check_wan_vae(opt: Options, frames: int = 97, height: int = 544, width: int 
     import jax
     import jax.numpy as jnp
 
-    from models.wan_vae import WAN21_VAE, WanVAEConfig, param_shapes, programs_for
+    from models.wan_vae import WAN21_VAE, WanVAEConfig, half_precision_leaf, param_shapes, programs_for
 
     cfg = WanVAEConfig.from_kwargs(WAN21_VAE, dtype=opt.dtype)
     prog = programs_for(cfg)
-    p = _abstract(param_shapes(cfg), opt.dtype)
+    p = _abstract(param_shapes(cfg), opt.dtype, half=half_precision_leaf)
     t_lat, h, w = (frames - 1) // cfg.temporal_stride + 1, height // cfg.spatial_stride, width // cfg.spatial_stride
     block = 4
     f32 = jnp.float32
@@ -477,13 +476,20 @@ def check_magi1_vae(opt: Options, latent_frames: int = 6, side: int = 90) -> dic
     import jax.numpy as jnp
     import numpy as np
 
-    from models.magi1_vae import MAGI1_VAE_DDCONFIG, Magi1VAEConfig, _decode_tile, decode_grid, param_shapes
+    from models.magi1_vae import (
+        MAGI1_VAE_DDCONFIG,
+        Magi1VAEConfig,
+        _decode_tile,
+        decode_grid,
+        half_precision_leaf,
+        param_shapes,
+    )
 
     cfg = Magi1VAEConfig.from_ddconfig(MAGI1_VAE_DDCONFIG, dtype=opt.dtype)
     grid = decode_grid(cfg, (latent_frames, side, side))
 
     def make(c):
-        p = _abstract(param_shapes(c), opt.dtype)["decoder"]
+        p = _abstract(param_shapes(c), opt.dtype, half=half_precision_leaf)["decoder"]
         z = jax.ShapeDtypeStruct((c.z_chans, *grid.tile), jnp.float32)
         pos = jax.ShapeDtypeStruct((1 + int(np.prod(grid.tile)), c.embed_dim), jnp.float32)
         valid = jax.ShapeDtypeStruct((3,), jnp.int32)

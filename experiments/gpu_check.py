@@ -50,7 +50,7 @@ from experiments import common  # noqa: E402
 
 ROWS = ("magi1_forward", "skyreels_forward", "skyreels_forward_pytorch", "flowcache_vs_vanilla",
         "skyreels_full_forward", "skyreels_full_forward_pytorch")  # most wanted first: the budget cuts the tail
-ATTENTION = ("tiled", "fused", "xla", "cudnn")
+ATTENTION = ("fused", "xla", "cudnn", "tiled")  # models.attention.IMPLEMENTATIONS (not imported before absl flags)
 
 _SIZE = flags.DEFINE_enum("size", "full", ["full", "small"], "full: the released shapes; small: a CPU-sized run.")
 _ATTN = flags.DEFINE_enum("attention", "fused", list(ATTENTION), "Attention implementation passed to the models "
@@ -110,10 +110,9 @@ def peak_tflops(device: Any) -> float | None:
 
 
 def xla_flops(compiled: Any) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
+    from flowcache_jax.flops import _flops
+
+    return _flops(compiled.cost_analysis())
 
 
 def layer_extrapolated(full: float, one_layer: float, layers: int) -> tuple[float, str]:
@@ -209,14 +208,14 @@ def magi_config(ck: Check):
 def magi_params(ck: Check) -> dict:
     """Random bf16 MAGI-1 weights made on the device (shared by the forward and the FlowCache rows)."""
     import jax
-    import jax.numpy as jnp
 
+    from models.layers import cast_params
     from models.magi1 import init_params
 
     if "magi_params" not in ck.store:
         cfg = magi_config(ck)
         ck.store["magi_params"] = jax.block_until_ready(
-            jax.jit(lambda k: init_params(cfg, k, jnp.bfloat16))(rng_key(ck.seed)))
+            jax.jit(lambda k: cast_params(init_params(cfg, k), "bfloat16"))(rng_key(ck.seed)))
     return ck.store["magi_params"]
 
 
@@ -359,13 +358,14 @@ class SkyBench:
         import jax.numpy as jnp
         import numpy as np
 
+        from models.layers import cast_params
         from models.skyreels_v2 import SkyReelsConfig, init_params
 
         self.ck, sz = ck, ck.sizes
         self.cfg = cfg = dataclasses.replace(SkyReelsConfig.from_upstream(sz.sky, "bfloat16"),
                                              attention_impl=ck.attention)
-        bf16 = functools.partial(jax.tree.map, lambda a: a.astype(jnp.bfloat16))
-        self.params = jax.block_until_ready(jax.jit(lambda k: bf16(init_params(cfg, k)))(rng_key(ck.seed)))
+        self.params = jax.block_until_ready(jax.jit(lambda k: cast_params(init_params(cfg, k), "bfloat16"))(
+            rng_key(ck.seed)))
         frames, h, w = sz.sky_latent
         rng = np.random.default_rng(ck.seed)
         self.x_np = rng.standard_normal((cfg.in_dim, frames, h, w)).astype(np.float32)

@@ -14,6 +14,7 @@ import ml_collections
 from experiments.errors import ConfigError
 
 DTYPES = ("", "float32", "bfloat16")
+DEFAULT_ATTENTION = "fused"  # the configs' compute.attention
 
 
 def param_dtype(cfg: ml_collections.ConfigDict) -> str:
@@ -29,16 +30,15 @@ def apply(cfg: ml_collections.ConfigDict, mcfg: Any, params: dict) -> tuple[Any,
     from models import attention
     from models.layers import cast_params
 
-    comp = cfg.get("compute", ml_collections.ConfigDict(dict(dtype="", param_dtype="", attention="tiled")))
-    for field in ("dtype", "param_dtype"):
-        if comp.get(field, "") not in DTYPES:
-            raise ConfigError(f"compute.{field} must be one of {', '.join(repr(d) for d in DTYPES)}, "
-                              f"got {comp.get(field)!r}")
-    impl = comp.get("attention", "tiled")
+    comp = cfg.get("compute", {})
+    if comp.get("dtype", "") not in DTYPES:
+        raise ConfigError(f"compute.dtype must be one of {', '.join(repr(d) for d in DTYPES)}, "
+                          f"got {comp.get('dtype')!r}")
+    impl = comp.get("attention", DEFAULT_ATTENTION)
     if impl not in attention.IMPLEMENTATIONS:
         raise ConfigError(f"compute.attention must be one of {', '.join(attention.IMPLEMENTATIONS)}, got {impl!r}")
     mcfg = dataclasses.replace(mcfg, dtype=comp.get("dtype", "") or mcfg.dtype, attention_impl=impl)
-    params = cast_params(params, comp.get("param_dtype", ""))  # a no-op after the loader's cast
+    params = cast_params(params, param_dtype(cfg))  # weights the loader did not cast (a no-op after it)
     resolved = attention.resolve(impl, mcfg.dtype)
     return mcfg, params, {"dtype": mcfg.dtype, "param_dtype": comp.get("param_dtype", "") or "checkpoint's",
                           "attention_impl": impl if impl == resolved else f"{impl} ({resolved})"}

@@ -209,7 +209,7 @@ def run_flops(run: Run, res) -> dict:
 
     s, v, mcfg = run.cfg.sampler, run.cfg.video, run.denoiser.cfg
     tokens = (v.height // 8 // mcfg.patch_size[1]) * (v.width // 8 // mcfg.patch_size[2])
-    text = int(run.cond["ctx"][0][0].shape[1])  # (K, V) [layers, L, heads, hd] of the prompt
+    text = int(run.denoiser.branch_ctx(run.cond, 0)[0].shape[1])  # (K, V) [layers, L, heads, hd] of the prompt
     total = 0.0
     for frames, prefix in run.table.windows:
         iters = s.num_steps + max(frames // s.causal_block_size - prefix // s.causal_block_size - 1, 0) * s.ar_step

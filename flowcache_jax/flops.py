@@ -51,13 +51,14 @@ def flops_report(per_forward: float, computed: int, vanilla: int, analytic_per_f
 
 
 def transformer_pass_flops(hidden: int, q_dim: int, kv_dim: int, ffn: int, layers: int, tokens: int, keys: int,
-                           caption_tokens: int = 0) -> dict[str, float]:
+                           caption_tokens: int = 0, gated: bool = False) -> dict[str, float]:
     """Analytic FLOPs (2 per MAC) of one chunk pass of a MAGI-style DiT: big matmuls, self- and cross-attention.
 
-    Linear: q, qx (hidden x q_dim), k, v (hidden x kv_dim), proj (2 q_dim x hidden), MLP (2 x hidden x ffn).
+    Linear: q, qx (hidden x q_dim), k, v (hidden x kv_dim), proj (2 q_dim x hidden), MLP (2 x hidden x ffn; a
+    ``gated`` SwiGLU MLP has a 2·ffn-wide fc1, so 3 x hidden x ffn).
     Attention: QK^T and PV over ``keys`` keys, 4 * tokens * keys * q_dim per layer (GQA does not reduce it).
     """
-    big = 2 * hidden * q_dim + 2 * hidden * kv_dim + 2 * q_dim * hidden + 2 * hidden * ffn
+    big = 2 * hidden * q_dim + 2 * hidden * kv_dim + 2 * q_dim * hidden + (3 if gated else 2) * hidden * ffn
     linear = 2.0 * big * tokens * layers
     attn = 4.0 * tokens * keys * q_dim * layers
     cross = (4.0 * tokens * caption_tokens * q_dim + 2.0 * caption_tokens * hidden * 2 * kv_dim) * layers

@@ -95,18 +95,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, keys: Keys, attention: str 
     return _sdpa(q[None], k[None], v[None], impl, mask=ok[None, None])[0]
 
 
-def masked(q: jax.Array, k: jax.Array, v: jax.Array, ok: jax.Array, attention: str) -> jax.Array:
+def masked(q: jax.Array, k: jax.Array, v: jax.Array, ok: jax.Array, attention: str, compact: bool = False
+           ) -> jax.Array:
     """Attention of query groups q [R, T, Hq, d] over their keys k / v [R, L, G, d], group r seeing the keys where
     ``ok`` [R, L] is set (every group must see one): [R, T, Hq, d].
 
     cuDNN masks only by key length, so its keys are compacted per group (a stable sort puts the visible keys first;
-    softmax does not care about order) and cut at their count; XLA takes the mask as it is.
+    softmax does not care about order) and cut at their count; XLA takes the mask as it is (``compact`` runs the
+    cuDNN form through XLA: how the compaction is checked where there is no GPU).
     """
     impl = resolve(attention, q.dtype)
     if impl == "tiled":
         raise ValueError("masked() is a fused path; the tiled path takes ranges (attend)")
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if impl == "cudnn":
+    if impl == "cudnn" or compact:
         order = jnp.argsort(~ok, axis=-1, stable=True)[..., None, None]
         k, v = (jnp.take_along_axis(a, order, axis=1) for a in (k, v))
         return _sdpa(q, k, v, impl, lengths=ok.sum(-1).astype(jnp.int32))

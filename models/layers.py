@@ -140,11 +140,16 @@ def cast_tree(params: dict, param_dtype: str, half, rest_dtype=None) -> dict:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def dit_half_precision_leaf(path: str) -> bool:
+    """The DiTs' storage rule ('/'-joined parameter path): the transformer blocks (``layers/...``) take the weight
+    dtype; the embedders, the head and the tables stay float32, where MAGI-1 and Wan apply them (also what
+    ``converters`` write with ``--dtype=bf16``)."""
+    return path.startswith("layers/")
+
+
 def cast_params(params: dict, param_dtype: str) -> dict:
-    """A DiT's weights in ``param_dtype``: matrices (ndim >= 2: kernels, embedding and modulation tables) are cast,
-    vectors (norm scales, biases, frequency tables) keep their dtype (float32 where the checkpoint's is): they are
-    tiny and upstream applies them in float32."""
-    return cast_tree(params, param_dtype, lambda path, a: jnp.ndim(a) >= 2)
+    """A DiT's weights in ``param_dtype`` by ``dit_half_precision_leaf`` ("" returns them as they are)."""
+    return cast_tree(params, param_dtype, lambda path, a: dit_half_precision_leaf(path))
 
 
 class ParamsModule(nnx.Module):

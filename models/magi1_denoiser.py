@@ -11,6 +11,7 @@ and the clean re-encode (step 2) is ``encode_clean``, called by the sampler at s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -83,17 +84,29 @@ class Magi1Denoiser:
             kv.update(last_q=jnp.zeros(q_shape, buf.k.dtype),
                       last_idx=jnp.zeros((c.num_layers, c.num_query_groups, lay.history_rows), jnp.int32),
                       events=jnp.zeros((), jnp.int32))
-        return kv if batch == 1 else jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, *a.shape)), kv)
+        if batch == 1:
+            return kv
+        axes = self._kv_axes(kv)
+        return jax.tree.map(lambda a, ax: a if ax is None else jnp.broadcast_to(a, (batch, *a.shape)), kv, axes)
 
     @staticmethod
     def _batched(kv: dict) -> bool:
         return kv["buf"].k.ndim == 5  # [batch, layers, rows, G, d]
 
-    @staticmethod
-    def _videos(fn, x: jax.Array, kv: dict):
+    def _kv_axes(self, kv: dict) -> dict:
+        """The K/V structure's batch axes: the videos' K/V (and compression state) have one; the slot owners are the
+        same for every video (the decisions are shared), so the read masks stay unbatched and a key tile no chunk
+        sees is still skipped for real inside the vmap; token frames differ per video only after a compression."""
+        shared = {"owner"} | (set() if self.compression is not None else {"frame"})
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: None if getattr(path[-1], "name", None) in shared else 0, kv)
+
+    def _videos(self, fn, x: jax.Array, kv: dict, out_kv: bool = True):
         """``fn(x [1, ...], kv)`` of every video of a batch (vmapped over the videos and their buffers): a batch
         shares the decisions and conditions, each video has its own latents and K/V."""
-        return jax.vmap(lambda xb, kvb: fn(xb[None], kvb))(x, kv)
+        axes = self._kv_axes(kv)
+        out = axes if out_kv else 0
+        return jax.vmap(lambda xb, kvb: fn(xb[None], kvb), in_axes=(0, axes), out_axes=out)(x, kv)
 
     def metric_features(self, params: dict, x: jax.Array, t: jax.Array) -> jax.Array:
         """The patch embedder's output (bias-free linear), FlowCache's MAGI metric (spec flowcache §1.3)."""
@@ -118,7 +131,7 @@ class Magi1Denoiser:
 
     def prepare_cond(self, params: dict, cond: dict) -> dict:
         """The captions' cross-attention projections (``y_x``, ``null_y_x``), once per prompt instead of per call."""
-        fn = jax.jit(lambda p, y: caption_projection(p, y, self.cfg.jdtype))
+        fn = _projection_fn(self.cfg.jdtype)
         return dict(cond, y_x=fn(params, jnp.asarray(cond["y"])), null_y_x=fn(params, jnp.asarray(cond["null_y"])))
 
     def _call(self, params: dict, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array, kv: dict,
@@ -145,7 +158,9 @@ class Magi1Denoiser:
                       ) -> tuple[ChunkOutput, dict]:
         if not self._batched(kv):
             return self._forward_one(params, cond, x, info, kv)
-        out, kv = self._videos(lambda xb, kvb: self._forward_one(params, cond, xb, info, kvb), x, kv)
+        axes = self._kv_axes(kv)
+        out, kv = jax.vmap(lambda xb, kvb: self._forward_one(params, cond, xb[None], info, kvb), in_axes=(0, axes),
+                           out_axes=(0, axes))(x, kv)
         return jax.tree.map(lambda a: a[:, 0], out), kv
 
     def _forward_one(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict
@@ -174,7 +189,7 @@ class Magi1Denoiser:
     def probe_features(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict) -> jax.Array:
         """FirstBlockCache's metric: the first block's residual [S, D] of the chunk over the current buffer."""
         if self._batched(kv):
-            return self._videos(lambda xb, kvb: self._probe_one(params, cond, xb, info, kvb), x, kv)
+            return self._videos(lambda xb, kvb: self._probe_one(params, cond, xb, info, kvb), x, kv, out_kv=False)
         return self._probe_one(params, cond, x, info, kv)
 
     def _probe_one(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: dict) -> jax.Array:
@@ -187,7 +202,8 @@ class Magi1Denoiser:
             jnp.stack([chunk * ctn, (chunk + 1) * ctn])[None], (buf.k[:1], buf.v[:1]), chunk, self.num_steps, 0,
             interval, self.key_tile, with_intermediates=True,
             buffer_mask=kvbuf.read_mask(buf, chunk, self._first_key_chunk(chunk, info.k)),
-            write_start=self.layout.slot_start(chunk))
+            write_start=self.layout.slot_start(chunk), constrain=self.constrain,
+            y_x=cond["y_x"][info.chunk][None] if "y_x" in cond else None)
         return inter["layer_out"][0].astype(jnp.float32) - inter["x_embed"].astype(jnp.float32)
 
     def velocity_from_residual(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo,
@@ -231,7 +247,10 @@ class Magi1Denoiser:
             def one(kv):
                 buf, idx = kvbuf.compact(kv["buf"], lay, c, kv["last_q"], self.compression)
                 return dict(kv, buf=buf, last_idx=idx, events=kv["events"] + 1)
-            return jax.vmap(one)(kv) if self._batched(kv) else one(kv)
+            if not self._batched(kv):
+                return one(kv)
+            axes = self._kv_axes(kv)
+            return jax.vmap(one, in_axes=(axes,), out_axes=axes)(kv)
 
         return jax.lax.cond(trigger, compress, lambda kv: kv, kv)
 
@@ -240,6 +259,11 @@ class Magi1Denoiser:
         if self.compression is None:
             return {}
         return {"events": kv["events"], "last_idx": kv["last_idx"]}
+
+
+@functools.lru_cache(maxsize=8)
+def _projection_fn(dtype):
+    return jax.jit(lambda p, y: caption_projection(p, y, dtype))
 
 
 def nearly_clean_step(grid: np.ndarray, threshold: float = 0.3) -> int | None:

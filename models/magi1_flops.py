@@ -8,7 +8,7 @@ def pass_flops(mcfg, ctn: int, keys: int, caption_tokens: int) -> dict[str, floa
 
     return transformer_pass_flops(mcfg.hidden_size, mcfg.num_attention_heads * mcfg.kv_channels,
                                   mcfg.num_query_groups * mcfg.kv_channels, mcfg.ffn_hidden_size, mcfg.num_layers,
-                                  ctn, keys, caption_tokens)
+                                  ctn, keys, caption_tokens, mcfg.gated_linear_unit)
 
 
 def count_passes(table, den, decisions, chunks, ks, reencode: bool) -> list[tuple[str, int]]:

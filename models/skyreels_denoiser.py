@@ -87,9 +87,10 @@ class SkyReelsDenoiser:
         pair [layers, L, heads, hd]), fps index, guidance and addnoise as traced values."""
         embed = _text_fn(self.cfg)
         ctx = (embed(params, jnp.asarray(context)), embed(params, jnp.asarray(negative_context)))
-        extra = {"ctx_both": jax.tree.map(lambda a, b: jnp.stack([a, b]), *ctx)} if ctx[0][0].shape == ctx[1][0].shape \
-            else {}  # the branches can batch
-        return {"ctx": ctx, **extra,
+        # texts of one length: one stacked tree the branches share (and batch over); else one tree per branch
+        texts = ({"ctx_both": jax.tree.map(lambda a, b: jnp.stack([a, b]), *ctx)}
+                 if ctx[0][0].shape == ctx[1][0].shape else {"ctx": ctx})
+        return {**texts,
                 "fps": jnp.int32(fps), "guidance": jnp.float32(guidance),
                 "a": jnp.float32(0.001 * addnoise_condition)}
 
@@ -156,6 +157,13 @@ class SkyReelsDenoiser:
         """The block's patch embedding (the input-feature metric of the chunkwise policies)."""
         return dense(patchify(self.cfg, x[0]), params["patch"], jnp.float32)[None]
 
+    @staticmethod
+    def branch_ctx(cond: dict, b: int | jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Branch ``b``'s cross-attention (K, V) [layers, L, heads, hd]."""
+        if "ctx_both" in cond:
+            return jax.tree.map(lambda a: a[b], cond["ctx_both"])
+        return cond["ctx"][b]
+
     def _blocks(self, params: dict, h_in: jax.Array, e0: jax.Array, ctx: jax.Array, k: jax.Array, v: jax.Array,
                 g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Block g's transformer pass over one branch's buffer: writes its slot, attends to slots 0..g."""
@@ -170,7 +178,8 @@ class SkyReelsDenoiser:
                       ) -> tuple[ChunkOutput, tuple]:
         h_in, tc = self._embed(params, cond, x, info)
         b = info.branch
-        h_out, k, v = self._blocks(params, h_in, tc["e0"], cond["ctx"][b], kv[0][b], kv[1][b], info.position)
+        h_out, k, v = self._blocks(params, h_in, tc["e0"], self.branch_ctx(cond, b), kv[0][b], kv[1][b],
+                                     info.position)
         kv = (kv[0].at[b].set(k), kv[1].at[b].set(v))
         return ChunkOutput(velocity=self._velocity(params, h_out, tc["e"]), residual=h_out - h_in), kv
 
@@ -206,7 +215,7 @@ class SkyReelsDenoiser:
                        ) -> tuple[jax.Array, jax.Array, tuple]:
         """One DiT call over the whole window (positions = blocks in order): velocity and residual per block."""
         embed = self._window_embed(params, cond, x, infos)
-        v, res = self._window_call(params, embed, cond["ctx"][infos.branch], x.shape[0])
+        v, res = self._window_call(params, embed, self.branch_ctx(cond, infos.branch), x.shape[0])
         return v, res, kv
 
     def window_branches(self, params: dict, cond: dict, x: jax.Array, infos: SlotInfo, kv: tuple

@@ -25,11 +25,13 @@ def test_fused_equals_tiled(keys):
     np.testing.assert_allclose(attn.attend(q, k, v, keys, "xla"), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_masked_groups_see_their_own_keys():
-    """``masked``: query group r over its keys where ok[r] is set, as a tiled call per group."""
+@pytest.mark.parametrize("compact", [False, True], ids=["mask", "compacted"])
+def test_masked_groups_see_their_own_keys(compact):
+    """``masked``: query group r over its keys where ok[r] is set, as a tiled call per group; ``compacted`` is the
+    cuDNN form (visible keys sorted to a prefix, cut by length) run through XLA."""
     q, k, v = _qkv(6, 10)
     ok = jnp.asarray([np.arange(10) < 4, (np.arange(10) % 3) == 0])
-    out = attn.masked(q.reshape(2, 3, 4, 8), jnp.stack([k, k]), jnp.stack([v, v]), ok, "xla")
+    out = attn.masked(q.reshape(2, 3, 4, 8), jnp.stack([k, k]), jnp.stack([v, v]), ok, "xla", compact=compact)
     for r in range(2):
         ref = attn.attend(q[3 * r:3 * r + 3], k, v, attn.Keys("ranges", ranges=jnp.zeros((3, 1, 2), jnp.int32),
                                                                 key_mask=ok[r]), "tiled")

@@ -6,7 +6,7 @@ import numpy as np
 from experiments import common
 from experiments.configs import tiny_vanilla
 
-BF16_PSNR_DB = 40.0  # of the bf16 latents vs the float32 run's (measured 53.4 dB, rel L2 1.6e-2, 3 chunks)
+BF16_PSNR_DB = 40.0  # of the bf16 latents vs the float32 run's (measured 52.7 dB, rel L2 1.7e-2, 3 chunks)
 
 
 def test_bf16_tiny_generation_matches_float32():

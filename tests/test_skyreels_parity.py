@@ -107,7 +107,7 @@ def test_fused_attention_matches_the_fixture(model, case, impl):
     np.testing.assert_allclose(out, a["out"][0], **TOL)
 
 
-BF16_REL = 1e-2  # relative L2 error of a bf16 run (8-bit mantissa through a few blocks; norms/softmax in f32)
+BF16_REL = 1e-2  # relative L2 of a bf16 run (measured 4.3e-4 to 4.8e-4; 8-bit mantissa, norms/softmax in f32)
 
 
 @pytest.mark.parametrize("case", CASES)
