@@ -183,6 +183,13 @@ def _depth_extrapolated(make: Callable[[int], tuple], depth: int) -> float:
 
     f0, f1 = one(0), one(1)
     return f0 + depth * (f1 - f0)
+def _dense_flops(program: Callable[[Any], tuple], cfg: Any) -> float:
+    """FLOPs of a DiT program ``program(model config) -> (fn, args, kw)`` on its dense (``xla``) attention, at 0 and
+    1 layers extrapolated to the model's depth: XLA counts the tiled attention's key-tile loop only once."""
+    dense = dataclasses.replace(cfg, attention_impl="xla")
+    return _depth_extrapolated(lambda n: program(dataclasses.replace(dense, num_layers=n)), cfg.num_layers)
+
+
 
 
 def parse_mesh(text: str) -> Any:
@@ -285,12 +292,10 @@ def check_magi1(cfg: Any, opt: Options, name: str, label: str, side: int = 90, f
         raise common.ConfigError("--buffer_chunks and --key_tile must be >= 1")
     fn, args, kw = _magi1_program(cfg, opt, side, frames, layout)
     row, secs = _measured(fn, *args, dtype=opt.dtype, **kw)
-    dense = dataclasses.replace(cfg, attention_impl="xla")
-    sized = lambda lay: lambda n: _magi1_program(dataclasses.replace(dense, num_layers=n), opt, side, frames, lay)  # noqa: E731
-    flops = _depth_extrapolated(sized(None), cfg.num_layers)
+    flops = _dense_flops(lambda c: _magi1_program(c, opt, side, frames, None), cfg)
     extra = {}
     if layout is not None:
-        extra["tflops_per_device"] = _depth_extrapolated(sized(layout), cfg.num_layers) / 1e12
+        extra["tflops_per_device"] = _dense_flops(lambda c: _magi1_program(c, opt, side, frames, layout), cfg) / 1e12
     ctn = frames // cfg.t_patch_size * (side // cfg.patch_size) ** 2
     px = side * 8
     return {"part": name, "what": f"{label} chunk forward, {px}x{px} ({frames}x{side}x{side} latent), {ctn} tokens, "
@@ -353,9 +358,7 @@ def check_skyreels(cfg: Any, opt: Options, frames: int = 97, height: int = 544, 
     shape = _latent(frames, height, width)
     fn, args, kw = _skyreels_window(cfg, opt, shape, block)
     row, secs = _measured(fn, *args, dtype=opt.dtype, **kw)
-    dense = dataclasses.replace(cfg, attention_impl="xla")
-    flops = _depth_extrapolated(
-        lambda n: _skyreels_window(dataclasses.replace(dense, num_layers=n), opt, shape, block), cfg.num_layers)
+    flops = _dense_flops(lambda c: _skyreels_window(c, opt, shape, block), cfg)
     _, ph, pw = cfg.patch_size
     tokens = shape[0] * (shape[1] // ph) * (shape[2] // pw)
     return {"part": name, "what": f"{label} window forward, {frames} frames {height}x{width} ({shape[0]}x{shape[1]}x"
@@ -401,9 +404,7 @@ def check_skyreels_block(cfg: Any, opt: Options, frames: int = 97, height: int =
     shape = _latent(frames, height, width)
     fn, args, kw = _skyreels_block(cfg, opt, shape, block)
     row, secs = _measured(fn, *args, dtype=opt.dtype, **kw)
-    dense = dataclasses.replace(cfg, attention_impl="xla")
-    flops = _depth_extrapolated(
-        lambda n: _skyreels_block(dataclasses.replace(dense, num_layers=n), opt, shape, block), cfg.num_layers)
+    flops = _dense_flops(lambda c: _skyreels_block(c, opt, shape, block), cfg)
     groups = shape[0] // block
     _, ph, pw = cfg.patch_size
     per = block * (shape[1] // ph) * (shape[2] // pw)

@@ -253,7 +253,7 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
     s, v = cfg.sampler, cfg.video
     n = v.num_chunks if n_chunks is None else n_chunks
     mcfg, params = load_checkpoint(cfg.checkpoint, precision.param_dtype(cfg))
-    mcfg, params, compute = precision.apply(cfg, mcfg, params)
+    mcfg, compute = precision.apply(cfg, mcfg)
     if v.latent_height % mcfg.patch_size or v.latent_width % mcfg.patch_size or v.chunk_width % mcfg.t_patch_size:
         raise ConfigError(f"video latent size {v.latent_height}x{v.latent_width} must be a multiple of the patch "
                           f"size {mcfg.patch_size} (chunk_width of {mcfg.t_patch_size})")

@@ -25,10 +25,10 @@ def param_dtype(cfg: ml_collections.ConfigDict) -> str:
     return value
 
 
-def apply(cfg: ml_collections.ConfigDict, mcfg: Any, params: dict) -> tuple[Any, dict, dict]:
-    """(model config, parameters, notes) with the run's compute settings; "" keeps the checkpoint's dtype."""
+def apply(cfg: ml_collections.ConfigDict, mcfg: Any) -> tuple[Any, dict]:
+    """(model config, notes) with the run's compute settings; "" keeps the checkpoint's dtype. The weights' storage
+    dtype is the loader's (``param_dtype`` above), applied once when they are read."""
     from models import attention
-    from models.layers import cast_params
 
     comp = cfg.get("compute", {})
     if comp.get("dtype", "") not in DTYPES:
@@ -38,7 +38,6 @@ def apply(cfg: ml_collections.ConfigDict, mcfg: Any, params: dict) -> tuple[Any,
     if impl not in attention.IMPLEMENTATIONS:
         raise ConfigError(f"compute.attention must be one of {', '.join(attention.IMPLEMENTATIONS)}, got {impl!r}")
     mcfg = dataclasses.replace(mcfg, dtype=comp.get("dtype", "") or mcfg.dtype, attention_impl=impl)
-    params = cast_params(params, param_dtype(cfg))  # weights the loader did not cast (a no-op after it)
     resolved = attention.resolve(impl, mcfg.dtype)
-    return mcfg, params, {"dtype": mcfg.dtype, "param_dtype": comp.get("param_dtype", "") or "checkpoint's",
-                          "attention_impl": impl if impl == resolved else f"{impl} ({resolved})"}
+    return mcfg, {"dtype": mcfg.dtype, "param_dtype": comp.get("param_dtype", "") or "checkpoint's",
+                  "attention_impl": impl if impl == resolved else f"{impl} ({resolved})"}

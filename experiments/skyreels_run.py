@@ -138,7 +138,7 @@ def build_skyreels(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) 
     validate_skyreels(cfg)
     layout = mesh_layout(cfg)
     mcfg, params, meta = load_checkpoint(cfg.checkpoint, precision.param_dtype(cfg))
-    mcfg, params, compute = precision.apply(cfg, mcfg, params)
+    mcfg, compute = precision.apply(cfg, mcfg)
     v, s = cfg.video, cfg.sampler
     total = latent_frames(v.num_frames)
     if n_chunks is not None:  # a video of n causal blocks (benchmark's length sweep)
