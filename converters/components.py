@@ -31,6 +31,8 @@ class Component:
     # destination path -> keep in float32 under --dtype=bf16 (norms, embedders, heads: upstream keeps them f32)
     keep_f32: Callable[[str], bool]
     detect_format: Callable[[list[str]], str | None] | None = None
+    # (source path, allow pickles, ema) -> reader; default ``open_reader`` (a flat state dict, names as stored)
+    open: Callable[[Path, bool, bool], Any] | None = None
 
 
 def _beside(src: Path, name: str = "config.json") -> Path | None:
@@ -88,6 +90,78 @@ def _detect_skyreels(keys: list[str]) -> str | None:
     if any(k.startswith("text_embedding.") for k in keys):
         return "original"
     return None
+
+
+# Self-Forcing / CausVid store the generator inside a training checkpoint, wrapped by WanDiffusionWrapper
+# (``model.``) and, in some derived checkpoints, by FSDP as well.
+SELF_FORCING_PREFIXES = ("model._fsdp_wrapped_module.", "model.")
+
+
+def _open_self_forcing(src: Path, allow_pickle_weights_only: bool, ema: bool) -> Any:
+    """The generator's state dict with the bare CausalWanModel names: ``generator_ema`` (or ``generator``;
+    ``--ema=false``: ``generator`` only) of a training ``.pt``, or a flat file, its wrapper prefix stripped."""
+    from converters.safetensors_io import strip_prefix
+
+    entries = ("generator_ema", "generator", None) if ema else ("generator", None)
+    try:
+        reader = open_reader(src, allow_pickle_weights_only, entries)
+    except CheckpointError as e:
+        if "state dict (top-level keys" not in str(e):
+            raise
+        raise CheckpointError(f"{e}; --ema=true reads generator_ema (else generator), --ema=false generator") from e
+    return strip_prefix(reader, SELF_FORCING_PREFIXES)
+
+
+def _self_forcing_config(path, reader, fmt, src):
+    from converters.model_config import read_model_config
+    from models.self_forcing import config_from_upstream
+
+    config = read_model_config(path, "self_forcing")
+    try:
+        config_from_upstream(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"the model config does not describe a CausalWanModel: {e}") from e
+    return config
+
+
+def prefix_hint(keys: list[str], expected: set[str]) -> str:
+    """A line naming the prefix that unmatched keys still carry (``generator.model.``, ``module.``, ...): the
+    engine lists them all as unexpected, which hides that one rename would fix every one."""
+    found: dict[str, str] = {}
+    for k in keys:
+        if k in expected:
+            continue
+        for j, ch in enumerate(k):
+            if ch == "." and k[j + 1:] in expected:
+                found.setdefault(k[:j + 1], k)
+                break
+    if not found:
+        return ""
+    p, example = max(found.items(), key=lambda kv: sum(k.startswith(kv[0]) for k in keys))
+    return (f"\n(the keys carry the prefix {p!r}, e.g. {example}; only "
+            f"{' / '.join(repr(x) for x in SELF_FORCING_PREFIXES)} are stripped: save the state dict without it)")
+
+
+def _convert_self_forcing(reader, config, fmt, dtype, sink=None):
+    from converters.keymaps.skyreels_v2 import RULES, convert_skyreels
+    from models.self_forcing import config_from_upstream
+
+    if fmt != "original":
+        raise CheckpointError("Self-Forcing checkpoints have one layout: use --format=original")
+    cfg = config_from_upstream(config)  # inject_sample_info=False: the Wan map without the fps rules
+    try:
+        return convert_skyreels(reader, cfg, dtype, sink)
+    except CheckpointError as e:
+        keys = reader.keys()
+        expected = {r.src.format(i=i) for r in RULES for i in (range(cfg.num_layers) if r.per_layer else [0])}
+        hint = prefix_hint(keys, expected)
+        if any(k.startswith("fps_") for k in keys):
+            hint += "\n(fps_embedding keys: a SkyReels-V2-DF checkpoint; use --model=skyreels_v2)"
+        if not hint:
+            raise
+        err = CheckpointError(str(e) + hint)
+        err.problems = getattr(e, "problems", [])
+        raise err from e
 
 
 def _dit_keep_f32(path: str) -> bool:
@@ -218,6 +292,8 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in (
     Component("magi1", "dit", ("original",), _dit_config("magi1"), _convert_magi1, _dit_keep_f32),
     Component("skyreels_v2", "dit", ("original", "diffusers"), _dit_config("skyreels_v2"), _convert_skyreels,
               _dit_keep_f32, _detect_skyreels),
+    Component("self_forcing", "dit", ("original",), _self_forcing_config, _convert_self_forcing, _dit_keep_f32,
+              open=_open_self_forcing),
     Component("t5", "text_encoder", ("hf",), _t5_config("t5"), _convert_t5, _model_rule("models.t5"), _detect_t5),
     Component("umt5", "text_encoder", ("original", "hf"), _t5_config("umt5"), _convert_t5, _model_rule("models.t5"),
               _detect_t5),
@@ -253,11 +329,12 @@ def format_hint(comp: Component, fmt: str, keys: list[str], flag: str = "--forma
 
 def convert_component(name: str, src: str | Path, fmt: str | None = None, config_path: str | None = None,
                       dtype: str = "keep", allow_pickle_weights_only: bool = False, format_flag: str = "--format",
-                      sink: Callable[[str, np.ndarray], None] | None = None) -> tuple[dict, dict]:
+                      sink: Callable[[str, np.ndarray], None] | None = None, ema: bool = True) -> tuple[dict, dict]:
     """(params, meta) of one component; raises CheckpointError with every problem and a --format hint.
 
     With ``sink`` every converted tensor is handed over as it is made; ``params`` then holds only what the key
-    map added after the tensors (hand it over too, e.g. ``LeafWriter.put_tree``)."""
+    map added after the tensors (hand it over too, e.g. ``LeafWriter.put_tree``). ``ema``: a training
+    checkpoint's EMA generator rather than the raw one (Self-Forcing); the source records which was read."""
     if name not in COMPONENTS:
         raise CheckpointError(f"unknown model {name!r}; one of {', '.join(COMPONENTS)}")
     comp = COMPONENTS[name]
@@ -265,7 +342,8 @@ def convert_component(name: str, src: str | Path, fmt: str | None = None, config
     if fmt not in comp.formats:
         raise CheckpointError(f"{format_flag}={fmt} does not exist for {name}; use one of {', '.join(comp.formats)}")
     src = Path(src)
-    reader = open_reader(src, allow_pickle_weights_only)
+    opener = comp.open or (lambda path, allow, _ema: open_reader(path, allow))
+    reader = opener(src, allow_pickle_weights_only, ema)
     keys = reader.keys()
     try:
         config = comp.read_config(config_path, reader, fmt, src)
@@ -283,19 +361,22 @@ def convert_component(name: str, src: str | Path, fmt: str | None = None, config
         raise CheckpointError(f"{name}: {e}{format_hint(comp, fmt, keys, format_flag)}") from e
     meta = {"model": name, "role": comp.role, "format": fmt, "model_config": config, "dtype": dtype,
             "source": {"path": str(src.resolve()), "sha256": digests(src)}}
+    for what in ("entry", "prefix"):  # which nested state dict was read, which wrapper prefix was stripped
+        if getattr(reader, what, None):
+            meta["source"][what] = getattr(reader, what)
     return params, meta
 
 
 def convert_into(folder: str | Path, name: str, src: str | Path, fmt: str | None = None,
                  config_path: str | None = None, dtype: str = "keep", allow_pickle_weights_only: bool = False,
-                 format_flag: str = "--format") -> dict:
+                 format_flag: str = "--format", ema: bool = True) -> dict:
     """Convert one component straight into ``folder`` (``params/`` + ``model_config.json``), tensor by tensor
     through ``checkpoint.LeafWriter``: the host never holds the model. Returns the metadata."""
     from flowcache_jax.checkpoint import LeafWriter
 
     writer = LeafWriter(folder)
     params, meta = convert_component(name, src, fmt, config_path, dtype, allow_pickle_weights_only, format_flag,
-                                     writer.put)
+                                     writer.put, ema)
     writer.put_tree(params)
     writer.close(meta)
     return meta

@@ -8,6 +8,11 @@ r"""Convert a whole release (DiT + text encoder + tokenizer + VAE) into one chec
       --dit=SkyReels-V2-DF-1.3B-540P --text_encoder=SkyReels-V2-DF-1.3B-540P/models_t5_umt5-xxl-enc-bf16.pth \
       --text_encoder_format=original --tokenizer=SkyReels-V2-DF-1.3B-540P/google/umt5-xxl \
       --vae=SkyReels-V2-DF-1.3B-540P/Wan2.1_VAE.pth --allow_pickle_weights_only --dtype=bf16
+  python -m converters.release --model=self_forcing --dst=ckpt/self_forcing_release \
+      --dit=Self-Forcing/checkpoints/self_forcing_dmd.pt [--ema=false] \
+      --text_encoder=Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth --text_encoder_format=original \
+      --tokenizer=Wan2.1-T2V-1.3B/google/umt5-xxl --vae=Wan2.1-T2V-1.3B/Wan2.1_VAE.pth \
+      --allow_pickle_weights_only --dtype=bf16
 
 The folder holds the DiT where ``converters.convert`` puts it (``params/``, ``model_config.json``) and, beside
 it, ``text_encoder/`` and ``vae/`` (each ``params/`` + ``model_config.json``), ``tokenizer/`` (the
@@ -22,12 +27,15 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from absl import app, flags, logging
 
 FAMILIES = {"magi1": {"text_encoder": "t5", "vae": "magi1_vae"},
-            "skyreels_v2": {"text_encoder": "umt5", "vae": "wan_vae"}}
+            "skyreels_v2": {"text_encoder": "umt5", "vae": "wan_vae"},
+            "self_forcing": {"text_encoder": "umt5", "vae": "wan_vae"}}  # Wan2.1-T2V-1.3B's encoder and VAE
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 
@@ -49,6 +57,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "keep", ["keep", "bf16", "fp32"], "As conver
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --dst.")
 _PICKLE = flags.DEFINE_bool("allow_pickle_weights_only", False,
                             "Allow .pt/.pth/.bin sources, read with torch.load(weights_only=True).")
+_EMA = flags.DEFINE_bool("ema", True, "self_forcing: the DiT from generator_ema (else generator); false: generator.")
 
 
 def copy_tokenizer(src: str | Path, dst: Path) -> list[str]:
@@ -99,7 +108,8 @@ def convert_release(model: str, dst: str | Path, dit: str, *, dit_config: str | 
                     text_encoder_config: str | None = None, text_encoder_format: str | None = None,
                     tokenizer: str | None = None, vae: str | None = None, vae_config: str | None = None,
                     vae_format: str | None = None, special_tokens: str | None = None, dtype: str = "keep",
-                    overwrite: bool = False, allow_pickle_weights_only: bool = False, log=print) -> Path:
+                    overwrite: bool = False, allow_pickle_weights_only: bool = False, ema: bool = True,
+                    log: Callable[[str], Any] = print) -> Path:
     """Convert every given part into ``dst`` (built in a temporary folder, renamed at the end)."""
     from converters.components import convert_into
     from converters.safetensors_io import CheckpointError
@@ -110,10 +120,12 @@ def convert_release(model: str, dst: str | Path, dit: str, *, dit_config: str | 
     fam = FAMILIES[model]
     parts: dict = {}
     with checkpoint.staged_dir(dst, overwrite) as tmp:
-        meta = convert_into(tmp, model, dit, dit_format, dit_config, dtype, allow_pickle_weights_only, "--dit_format")
+        meta = convert_into(tmp, model, dit, dit_format, dit_config, dtype, allow_pickle_weights_only, "--dit_format",
+                            ema)
         caption_channels = meta["model_config"].get("caption_channels", meta["model_config"].get("text_dim", 4096))
         parts["dit"] = {"model": model, "source": meta["source"]}
-        log(f"dit: {model} from {dit}")
+        entry = meta["source"].get("entry")
+        log(f"dit: {model} from {dit}{f' ({entry})' if entry else ''}")
         for role, src, cfg_path, fmt in (("text_encoder", text_encoder, text_encoder_config, text_encoder_format),
                                          ("vae", vae, vae_config, vae_format)):
             if src is None:
@@ -132,7 +144,7 @@ def convert_release(model: str, dst: str | Path, dit: str, *, dit_config: str | 
             log(f"tokenizer: {', '.join(parts['tokenizer']['files'])}")
         if special_tokens is not None:
             if model != "magi1":
-                raise CheckpointError("--special_tokens is MAGI-1's (HQ / duration tokens); SkyReels-V2 has none")
+                raise CheckpointError(f"--special_tokens is MAGI-1's (HQ / duration tokens); {model} has none")
             check_special_tokens(special_tokens, caption_channels)
             shutil.copyfile(special_tokens, tmp / "special_tokens.npz")
             parts["special_tokens"] = {"source": str(special_tokens)}
@@ -159,7 +171,7 @@ def main(argv: list[str]) -> None:
             text_encoder=_TE.value, text_encoder_config=_TE_CONFIG.value, text_encoder_format=_TE_FORMAT.value,
             tokenizer=_TOK.value, vae=_VAE.value, vae_config=_VAE_CONFIG.value, vae_format=_VAE_FORMAT.value,
             special_tokens=_SPECIAL.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value,
-            allow_pickle_weights_only=_PICKLE.value)
+            allow_pickle_weights_only=_PICKLE.value, ema=_EMA.value)
     except (CheckpointError, ValueError, FileExistsError) as e:
         fail(str(e))
     except (SafetensorError, OSError) as e:

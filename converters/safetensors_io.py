@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors import safe_open
@@ -88,10 +90,13 @@ class PickleReader:
 
     ``torch.load(weights_only=True, mmap=True)``: the restricted unpickler (no arbitrary code) over a memory
     map, and each tensor becomes numpy only when asked for (bf16 stays bf16), so a 22 GB file is never
-    resident at once. ``entry`` picks a nested state dict (e.g. ``generator_ema``).
+    resident at once. ``entry`` picks a nested state dict (e.g. ``generator_ema``); a sequence of names picks the
+    first one the file holds, ``None`` among them meaning the top level itself when it is a flat state dict (no
+    nested dicts), so one call reads a training checkpoint ({"generator_ema": {...}, "critic": {...}}) or a bare
+    state dict. ``entry`` afterwards names what was read and ``top_level`` lists the file's own keys.
     """
 
-    def __init__(self, path: str | Path, entry: str | None = None):
+    def __init__(self, path: str | Path, entry: str | Sequence[str | None] | None = None):
         try:
             import torch
         except ImportError as e:
@@ -110,6 +115,8 @@ class PickleReader:
         else:
             files = [path]
         self._sd: dict = {}
+        self.top_level: list[str] = []
+        chosen: set[str] = set()
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"checkpoint file {f} does not exist")
@@ -117,11 +124,15 @@ class PickleReader:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
                 raise CheckpointError(f"cannot read {f} with torch.load(weights_only=True): {e}") from e
-            if entry is not None:
-                if entry not in sd:
-                    raise CheckpointError(f"{f} has no entry {entry!r} (top-level keys: {sorted(sd)[:8]})")
-                sd = sd[entry]
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{f} holds a {type(sd).__name__}, not a state dict")
+            self.top_level += [str(k) for k in sd]
+            name = _pick_entry(f, sd, entry)
+            if name is not None:
+                sd = sd[name]
+                chosen.add(name)
             self._sd.update({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+        self.entry: str | None = ", ".join(sorted(chosen)) or None
 
     def keys(self) -> list[str]:
         return sorted(self._sd)
@@ -156,6 +167,58 @@ class PickleReader:
         return t.contiguous().numpy()
 
 
+def _pick_entry(f: Path, sd: dict, entry: str | Sequence[str | None] | None) -> str | None:
+    """The nested dict of ``sd`` to read (None: the top level); an error lists the top-level keys when the
+    wanted entries are all absent, since a training checkpoint's layout is otherwise invisible."""
+    if entry is None:
+        return None
+    wanted = (entry,) if isinstance(entry, str) else tuple(entry)
+    flat = not any(isinstance(v, dict) for v in sd.values())
+    for name in wanted:
+        if name is None and flat:
+            return None
+        if name is not None and isinstance(sd.get(name), dict):
+            return name
+    names = " or ".join(repr(n) for n in wanted if n is not None)
+    top = ", ".join(str(k) for k in list(sd)[:20]) + (f", ... ({len(sd)} in all)" if len(sd) > 20 else "")
+    raise CheckpointError(f"{f} holds no {names} state dict (top-level keys: {top or 'none'})")
+
+
+class PrefixView:
+    """A reader whose keys lose a common prefix (``model.`` of a diffusion wrapper's state dict): the key maps
+    name the bare module's keys, and the prefix depends on how the upstream trainer wrapped the model."""
+
+    def __init__(self, reader: Any, prefix: str):
+        self._reader, self.prefix = reader, prefix
+        self.entry = getattr(reader, "entry", None)
+
+    def keys(self) -> list[str]:
+        n = len(self.prefix)
+        return sorted(k[n:] for k in self._reader.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._reader.shape(self.prefix + key)
+
+    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        return self._reader.rows(self.prefix + key, start, stop)
+
+    def read(self, key: str, dtype, block_bytes: int = 1 << 28) -> np.ndarray:
+        return self._reader.read(self.prefix + key, dtype, block_bytes)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._reader[self.prefix + key]
+
+
+def strip_prefix(reader: Any, prefixes: Sequence[str]) -> Any:
+    """``reader`` seen without the first of ``prefixes`` that every key carries (longest first, so
+    ``model._fsdp_wrapped_module.`` wins over ``model.``); unchanged when no prefix is common to all keys."""
+    keys = reader.keys()
+    for p in sorted(prefixes, key=len, reverse=True):
+        if keys and all(k.startswith(p) for k in keys):
+            return PrefixView(reader, p)
+    return reader
+
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -166,8 +229,10 @@ def _is_pickle(path: Path) -> bool:
         p for ext in PICKLE_SUFFIXES for p in path.glob(f"*{ext}"))
 
 
-def open_reader(path: str | Path, allow_pickle_weights_only: bool = False):
-    """The reader of a checkpoint path: safetensors (file, or folder with an index); pickles only when allowed."""
+def open_reader(path: str | Path, allow_pickle_weights_only: bool = False,
+                entry: str | Sequence[str | None] | None = None):
+    """The reader of a checkpoint path: safetensors (file, or folder with an index); pickles only when allowed
+    (``entry``: the nested state dict to read, see ``PickleReader``; safetensors are flat and ignore it)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -176,5 +241,5 @@ def open_reader(path: str | Path, allow_pickle_weights_only: bool = False):
             raise CheckpointError(f"{path} is a pickle-based PyTorch checkpoint; pickles are never loaded "
                                   "implicitly: convert it to .safetensors, or pass --allow_pickle_weights_only "
                                   "(read with torch.load(weights_only=True))")
-        return PickleReader(path)
+        return PickleReader(path, entry)
     return SafetensorsReader(path)

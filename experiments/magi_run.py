@@ -14,6 +14,7 @@ from experiments import precision
 from experiments.errors import ConfigError
 from experiments.run_spec import Run
 from experiments.validation import validate_policy
+from flowcache_jax.kv import methods as kvm
 
 CONVERT_HINT = ("convert the released weights first: python -m converters.convert --model=magi1 "
                 "--src=<ckpt>/magi/4.5B_distill/inference_weight.distill --dst=<DIR>, then pass "
@@ -45,6 +46,17 @@ def validate_magi(cfg: ml_collections.ConfigDict) -> None:
     if s.discard_duplicate not in (None, True, False):
         raise ConfigError(f"sampler.discard_duplicate must be true, false or unset, got {s.discard_duplicate!r}")
     kv = cfg.kv
+    method = kv.get("method", "dense")
+    if method not in kvm.METHODS:
+        raise ConfigError(f"kv.method must be one of {', '.join(kvm.METHODS)}, got {method!r}")
+    if method != "dense" and kv.compress:
+        raise ConfigError(f"kv.method={method} does not combine with kv.compress (fake quantization keeps every "
+                          "chunk in the dense buffer): set one of them")
+    if method != "dense" and s.semantics != "reference":
+        raise ConfigError(f"kv.method={method} needs sampler.semantics=reference (the clean re-encode of "
+                          "semantics=magi rewrites a finished chunk's K/V after it was quantized)")
+    if method == "ours" and not 0 <= kv.get("score_lambda", 1.0) <= 1:
+        raise ConfigError(f"kv.score_lambda must be in [0, 1], got {kv.score_lambda}")
     if kv.compress:
         if kv.budget_chunks < s.window + 1:
             raise ConfigError(f"kv.budget_chunks={kv.budget_chunks} must be >= sampler.window + 1 = {s.window + 1} "
@@ -220,6 +232,13 @@ def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
         comp = CompressConfig(budget=1, mix_lambda=cfg.kv.mix_lambda, kernel=cfg.kv.kernel, min_shift=True)
         den = dataclasses.replace(den, cache_chunks=cfg.kv.budget_chunks, compression=comp,
                                   query_granularity=cfg.kv.query_granularity)
+    kv = cfg.kv
+    try:
+        method = kvm.from_config(kv, den.frame_tokens)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if method is not None:
+        den = dataclasses.replace(den, kv_method=method)
     return den, grid
 
 
@@ -291,7 +310,9 @@ def build_magi1(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) -> 
                notes={"caption": caption, **({} if rgb else release.notes()), "semantics": s.semantics,
                       **compute,
                       "kv_buffer": f"{den.layout.rows} rows ({'compressed, ' if cfg.kv.compress else ''}"
-                                   f"{den.layout.history_chunks} history + {den.window} window chunks)",
+                                   f"{den.layout.history_chunks} history + {den.window} window chunks)"
+                                   + ("" if den.kv_method is None else
+                                      f", finished chunks fake-quantized by {den.kv_method.name}"),
                       "duplicate": "discarded" if den.discard_duplicate else "run and blended 0.7/0.3",
                       **({} if layout is None else {"mesh": str(MeshConfig.from_config(cfg.mesh))}), **notes})
 

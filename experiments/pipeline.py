@@ -24,7 +24,8 @@ from experiments import loaded
 from experiments.errors import ConfigError
 
 FAMILY = {"magi1": {"text_encoder": "t5", "vae": "magi1_vae", "clean": "magi"},
-          "skyreels_v2": {"text_encoder": "umt5", "vae": "wan_vae", "clean": "wan"}}
+          "skyreels_v2": {"text_encoder": "umt5", "vae": "wan_vae", "clean": "wan"},
+          "self_forcing": {"text_encoder": "umt5", "vae": "wan_vae", "clean": "wan"}}
 
 
 def release_hint(model: str) -> str:

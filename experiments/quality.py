@@ -247,12 +247,22 @@ def main(argv: list[str]) -> None:
         # rules on the timestep metric (SkyReels) exist for FlowCache and TeaCache only
         rules = [p for p in SWEEPS if base.policy.get("metric", "input") != "timestep" or p in TIMESTEP_POLICIES]
         points = [(p, t) for p in rules for t in pick(SWEEPS[p])]
+        unsupported = {}
         for pol, thr in tqdm(points, desc="sweep", disable=not _PROGRESS.value):
+            if pol in unsupported:
+                continue
             c = common.with_policy(base, pol, thr)
             if pol == "magcache":
                 c.policy.ratios = ratios
-            m, _ = ev.score(pool.get(c))
+            try:
+                run = pool.get(c)
+            except common.ConfigError as e:  # a rule this model does not have (e.g. FirstBlockCache's probe)
+                unsupported[pol] = str(e)
+                continue
+            m, _ = ev.score(run)
             sweep.append({"policy": pol, "threshold": thr, **m})
+        for pol, why in unsupported.items():
+            print(f"sweep: {pol} skipped: {why}")
         t_sweep = time.perf_counter() - t0
         pareto_plot(sweep, methods, out / "pareto.png")
 

@@ -19,6 +19,7 @@ BUILDERS = {  # config.model -> "module:function"
     "synthetic": "experiments.synthetic_run:build_synthetic",
     "magi1": "experiments.magi_run:build_magi1",
     "skyreels_v2": "experiments.skyreels_run:build_skyreels",
+    "self_forcing": "experiments.self_forcing_run:build_self_forcing",
 }
 
 

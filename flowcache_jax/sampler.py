@@ -113,6 +113,7 @@ class Sampler:
             raise ValueError(f"metric_dtype must be one of {tuple(METRIC_DTYPES)}, got {metric_dtype!r}")
         self.denoiser, self.policy, self.window, self.batch = denoiser, policy, window, batch
         self.solver = Euler() if solver is None else solver
+        self.noise_draws = int(getattr(self.solver, "noise_draws", 0))  # fresh normals per chunk (ReNoise)
         self.branches = int(getattr(denoiser, "branches", 1))
         self.host = bool(getattr(policy, "host", False))  # decisions from a table made on the host
         # what the step computes for the policy: "input" features, a "first_block" probe, or "none" (host tables; a
@@ -443,6 +444,9 @@ class Sampler:
         ent = enter >= 0
         bcast = ent.reshape((w,) + (1,) * (state.latents.ndim - 1))
         fresh = jax.tree.map(lambda a: jnp.zeros_like(a), state.solver)
+        if self.noise_draws:  # the entering chunks' re-noising draws ride along with their initial noise
+            noise, extra = noise
+            fresh = self.solver.with_noise(fresh, extra)
         state = state.replace(
             latents=jnp.where(bcast, noise.astype(state.latents.dtype), state.latents),
             chunk=jnp.where(ent, enter, state.chunk), acc=jnp.where(ent, 0.0, state.acc),
@@ -468,16 +472,22 @@ class Sampler:
             state = state.replace(kv=self.denoiser.end_stage(params, state.kv, tab["finish"], tab["n_chunks"]))
         return state, rec
 
-    def entering_noise(self, table: ScheduleTable, stage: int, key: jax.Array,
-                       initial_noise: np.ndarray | None) -> np.ndarray:
-        """Noise of the chunks entering at ``stage`` per ring slot: ``initial_noise[:, c]`` or fold_in(key, c)."""
+    def entering_noise(self, table: ScheduleTable, stage: int, key: jax.Array, initial_noise: np.ndarray | None,
+                       solver_noise: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Noise of the chunks entering at ``stage`` per ring slot: ``initial_noise[:, c]`` or fold_in(key, c); with
+        a solver that draws fresh noise (``noise_draws``), also its draws [W, draws, B, ...]: ``solver_noise[:, c]``
+        or fold_in(fold_in(key, c), 1 + j)."""
         shape = (self.window, self.batch, *self.denoiser.chunk_shape)
         out = np.zeros(shape, np.float32)
+        extra = np.zeros((self.window, self.noise_draws, *shape[1:]), np.float32)
         for r, c in enumerate(table.enter[stage]):
             if c >= 0:
-                out[r] = (initial_noise[:, c] if initial_noise is not None
-                          else np.asarray(self._noise(jax.random.fold_in(key, int(c)))))
-        return out
+                kc = jax.random.fold_in(key, int(c))
+                out[r] = initial_noise[:, c] if initial_noise is not None else np.asarray(self._noise(kc))
+                for j in range(self.noise_draws):
+                    extra[r, j] = (solver_noise[:, c, j] if solver_noise is not None
+                                   else np.asarray(self._noise(jax.random.fold_in(kc, 1 + j))))
+        return (out, extra) if self.noise_draws else out
 
     # ----- host loop -------------------------------------------------------------------------------
     def compiled_temp_bytes(self, table: ScheduleTable) -> int:
@@ -512,6 +522,8 @@ class Sampler:
             return 0.0
         t0 = time.perf_counter()
         noise = jax.ShapeDtypeStruct((self.window, self.batch, *self.denoiser.chunk_shape), jnp.float32)
+        if self.noise_draws:
+            noise = (noise, jax.ShapeDtypeStruct((self.window, self.noise_draws, *noise.shape[1:]), jnp.float32))
         # The state (latents, caches, KV buffer) is donated so that accelerators update it in place; the CPU
         # backend cannot use donated buffers and would only warn.
         donate = () if jax.default_backend() == "cpu" else (2,)
@@ -519,7 +531,8 @@ class Sampler:
         kw = {}
         if self.layout is not None:  # compiled for the mesh: the arguments' shardings, the state's kept
             ins = self._placement(params, cond, state)
-            args = (*self._place(args[:4], ins[:4]), jax.ShapeDtypeStruct(noise.shape, noise.dtype, sharding=ins[4]),
+            args = (*self._place(args[:4], ins[:4]),
+                    jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=ins[4]), noise),
                     sharding.put(args[5], ins[5]))
             kw = dict(in_shardings=ins, out_shardings=(ins[2], self.layout.replicated))
         self._compiled[shape] = jax.jit(self._stage, donate_argnums=donate, **kw).lower(*args).compile()
@@ -551,12 +564,13 @@ class Sampler:
     def run(self, params: Any, cond: Any, table: ScheduleTable, key: jax.Array, progress: bool = True,
             initial_noise: np.ndarray | None = None, record_stages: bool = False,
             on_stage: Any = None, on_chunk: Any = None, policy: Policy | None = None,
-            plan_state: Any = None) -> RunResult:
+            plan_state: Any = None, solver_noise: np.ndarray | None = None) -> RunResult:
         """Generate a video. ``initial_noise`` [B, n_chunks, *chunk_shape] replaces the seeded noise;
         ``on_stage(stage, state)`` is called after every stage (inspection, memory sampling);
         ``on_chunk(chunk, latent [B, *chunk_shape])`` as soon as a chunk is final (e.g. to decode it with a VAE
         while the later chunks are still being denoised). ``policy`` (same rule, other knobs, e.g. another threshold)
-        runs on the same compiled function; ``plan_state`` carries a host policy's state from a previous window."""
+        runs on the same compiled function; ``plan_state`` carries a host policy's state from a previous window;
+        ``solver_noise`` [B, n_chunks, draws, *chunk_shape] replaces a re-noising solver's seeded draws."""
         knobs = self.knobs_of(policy)
         limit = getattr(self.denoiser, "n_chunks", None)
         if limit is not None and table.n_chunks > limit:
@@ -584,9 +598,16 @@ class Sampler:
             want = (self.batch, table.n_chunks, *self.denoiser.chunk_shape)
             if initial_noise.shape != want:
                 raise ValueError(f"initial_noise has shape {initial_noise.shape}, expected {want}")
-        noises = [self.entering_noise(table, st, key, initial_noise) for st in range(table.num_stages)]
+        if solver_noise is not None:
+            solver_noise = np.asarray(solver_noise, np.float32)
+            want = (self.batch, table.n_chunks, self.noise_draws, *self.denoiser.chunk_shape)
+            if not self.noise_draws or solver_noise.shape != want:
+                raise ValueError(f"solver_noise has shape {solver_noise.shape}, expected {want}"
+                                 + ("" if self.noise_draws else " (this solver draws no noise)"))
+        noises = [self.entering_noise(table, st, key, initial_noise, solver_noise) for st in range(table.num_stages)]
+        starts = [n[0] if self.noise_draws else n for n in noises]  # the entering latents
         if record_stages:  # chunks that have not entered yet show their initial noise
-            for st, noise in enumerate(noises):
+            for st, noise in enumerate(starts):
                 for r in np.flatnonzero(table.enter[st] >= 0):
                     video[:, table.enter[st][r]] = noise[r]
         t0, t_callbacks = time.perf_counter(), 0.0
@@ -594,7 +615,7 @@ class Sampler:
                       leave=False):
             noise = noises[s]
             for r in np.flatnonzero(table.enter[s] >= 0):  # not-yet-finished chunks show their current latent
-                video[:, table.enter[s][r]] = noise[r]
+                video[:, table.enter[s][r]] = starts[s][r]
             if ins is None:
                 state, rec = compiled(params, cond, state, tabs[s], noise, knobs)
             else:

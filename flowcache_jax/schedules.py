@@ -69,6 +69,35 @@ def skyreels_sigmas(steps: int, shift: float = 8.0, sigma_max: float = 0.999) ->
     return np.append(sig, 0.0).astype(np.float32), t
 
 
+def flow_match_table(shift: float, num_train: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """The FlowMatchScheduler training table of Self-Forcing / CausVid (sigma_min 0, extra_one_step): sigmas and
+    timesteps [num_train] in float32, s = linspace(1, 0, num_train + 1)[:-1] as torch rounds it,
+    sigma = shift·s / (1 + (shift - 1)·s), t = 1000·sigma."""
+    f = np.float32
+    step = np.float64(np.float32(-1.0) / np.float32(num_train))  # torch.linspace(1, 0, n + 1): an f32 step, each
+    i = np.arange(num_train + 1, dtype=np.float64)  # point rounded once, the second half counted from the end
+    s = np.where(i < (num_train + 1) // 2, 1.0 + step * i, -step * (num_train - i)).astype(f)[:-1]
+    sig = ((f(shift) * s) / (f(1.0) + f(shift - 1.0) * s)).astype(f)
+    return sig, (sig * f(num_train)).astype(f)
+
+
+def self_forcing_steps(step_list: list[int] | np.ndarray, shift: float = 5.0, warp: bool = True,
+                       num_train: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """(model timesteps [N] float32, sigmas [N + 1] ending at 0) of a few-step denoising list.
+
+    ``warp`` (Self-Forcing's warp_denoising_step) replaces each raw t by the training table's timestep at
+    1000 - t ([1000, 750, 500, 250] -> [1000, 937.5, 833.33, 625]); a timestep's sigma is that of the nearest
+    table entry, as the scheduler looks it up.
+    """
+    raw = np.asarray(step_list, np.int64)
+    if raw.ndim != 1 or len(raw) < 1 or (raw < 0).any() or (raw > num_train).any():
+        raise ValueError(f"denoising_step_list must be timesteps in [0, {num_train}], got {list(raw)}")
+    sig, ts = flow_match_table(shift, num_train)
+    t = np.concatenate([ts, [np.float32(0)]])[num_train - raw].astype(np.float32) if warp else raw.astype(np.float32)
+    nearest = np.abs(ts[None, :].astype(np.float64) - t[:, None]).argmin(1)
+    return t, np.append(sig[nearest], np.float32(0)).astype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class ScheduleTable:
     """Per-stage tables, axes [stage, step, position]; position 0 is the oldest chunk in the window."""

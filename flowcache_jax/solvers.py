@@ -1,5 +1,6 @@
-"""ODE solvers: Euler in the project's time convention (t = 0 noise, t = 1 clean), and SkyReels' FlowUniPC
-in sigma (sigma = 1 - t; x = (1 - sigma) x0 + sigma noise, the model predicts v = noise - x0)."""
+"""Solvers: Euler in the project's time convention (t = 0 noise, t = 1 clean), SkyReels' FlowUniPC in sigma
+(sigma = 1 - t; x = (1 - sigma) x0 + sigma noise, the model predicts v = noise - x0), and the few-step re-noising
+sampler of Self-Forcing / CausVid / DMD."""
 
 from __future__ import annotations
 
@@ -125,3 +126,44 @@ class FlowUniPC:
                "x0_2": jnp.where(m, state["x0_1"], state["x0_2"]), "last": jnp.where(m, x, state["last"]),
                "order": jnp.where(mask, order, state["order"])}
         return jnp.where(m, x_new, x_in), new
+
+
+class ReNoise:
+    """Few-step sampling of distilled models (Self-Forcing, CausVid, DMD): at step k the model's flow v gives
+    x0 = x - sigma_k v, and the chunk restarts from x0 re-noised with *fresh* noise to the next level,
+    x = (1 - sigma_{k+1}) x0 + sigma_{k+1} eps_k; the last step (sigma_N = 0) lands on x0.
+
+    The noise is part of the chunk's state: the sampler draws ``noise_draws`` normals per chunk when the chunk
+    enters (or takes them from the caller, e.g. a reference run's recorded eps) and ``with_noise`` stores them, so
+    a run is a pure function of its noise and a compiled stage serves any grid of the same length.
+    """
+
+    stateless = False
+
+    def __init__(self, sigmas: np.ndarray):
+        self.sigmas = np.asarray(sigmas, np.float32)  # [N + 1], last = 0
+        if self.sigmas.ndim != 1 or len(self.sigmas) < 2 or self.sigmas[-1] != 0:
+            raise ValueError(f"ReNoise needs sigmas [N + 1] ending at 0, got {self.sigmas}")
+        self.steps = len(self.sigmas) - 1
+        self.noise_draws = self.steps - 1
+
+    def consts(self) -> dict:
+        return {"sigmas": self.sigmas}
+
+    def chunk_state(self, latent: jax.ShapeDtypeStruct) -> dict:
+        return {"k": jnp.zeros((), jnp.int32), "eps": jnp.zeros((max(self.noise_draws, 1), *latent.shape),
+                                                                latent.dtype)}
+
+    def with_noise(self, state: dict, eps: jax.Array) -> dict:
+        """The state with its chunks' re-noising draws ``eps`` [..., noise_draws, *latent]."""
+        return {**state, "eps": eps.astype(state["eps"].dtype)} if self.noise_draws else state
+
+    def update(self, state: dict, x: jax.Array, v: jax.Array, dt: jax.Array, consts: dict
+               ) -> tuple[jax.Array, dict]:
+        sig = jnp.asarray(consts["sigmas"], jnp.float32)
+        k = state["k"]
+        s_k, s_next = sig[jnp.minimum(k, self.steps - 1)], sig[jnp.minimum(k + 1, self.steps)]
+        x0 = x - s_k.astype(x.dtype) * v.astype(x.dtype)
+        eps = jax.lax.dynamic_index_in_dim(state["eps"], jnp.clip(k, 0, state["eps"].shape[0] - 1), keepdims=False)
+        x_new = jnp.where(s_next > 0, (1.0 - s_next) * x0 + s_next * eps.astype(x.dtype), x0)
+        return x_new, {**state, "k": k + 1}

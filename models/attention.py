@@ -50,6 +50,8 @@ class Keys:
     keys are the same window cut into blocks of ``block`` tokens, block b sees keys [0, (b + 1)·block).
     ``"ranges"``: per-query half-open ``ranges`` [S, n, 2] (plus ``key_mask`` [L], keys every query sees) — the
     tiled path's general form; the fused paths take it only through a dense mask (small shapes, XLA).
+    ``"mask"``: the keys where ``key_mask`` [L] is set, for every query (a ring buffer's filled rows): cuDNN gets
+    them compacted to a prefix.
     """
 
     kind: str = "full"
@@ -67,6 +69,8 @@ class Keys:
         if self.kind == "blocks":
             end = (jnp.arange(s) // self.block + 1) * self.block
             return jnp.stack([jnp.zeros_like(end), end], -1)[:, None, :].astype(jnp.int32)
+        if self.kind == "mask":  # no range: the key mask alone says what is seen
+            return jnp.zeros((s, 1, 2), jnp.int32)
         return self.ranges
 
 
@@ -85,6 +89,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, keys: Keys, attention: str 
         b, s = keys.block, q.shape[0]
         outs = [_sdpa(q[None, i:i + b], k[None, :i + b], v[None, :i + b], impl)[0] for i in range(0, s, b)]
         return jnp.concatenate(outs, 0)
+    if keys.kind == "mask":
+        return masked(q[None], k[None], v[None], keys.key_mask[None], impl)[0]
     if impl == "cudnn":
         raise ValueError("cuDNN attention cannot express arbitrary per-query key ranges; use attention=xla or tiled")
     j = jnp.arange(k.shape[0])

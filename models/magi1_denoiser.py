@@ -6,6 +6,12 @@ this step, stale if reused) plus its own, within its key range. With every chunk
 upstream MAGI's joint window forward, because attention is block-causal by chunk. The nearly-clean
 duplicate (spec §5.4 step 4) is a second, self-only forward inside the oldest chunk's compute branch,
 and the clean re-encode (step 2) is ``encode_clean``, called by the sampler at stage starts.
+
+With a KV quantization method (``kv_method``, ``flowcache_jax.kv.methods``) the buffer stays dense but each
+chunk's rows are replaced, once, when the chunk is final (the prefix chunks in ``prepare_kv``, the generated
+ones in ``end_stage``), by what the method's packed store would return: fake quantization, for the methods'
+fidelity (the memory saving is Self-Forcing's real store). A clean re-encode (``encode_clean`` of a generated
+chunk, semantics "magi") would rewrite quantized rows, so runs with a method use the reference semantics.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 
 from flowcache_jax.denoiser import ChunkOutput, SlotInfo
 from flowcache_jax.kv import buffer as kvbuf
+from flowcache_jax.kv import methods as kvm
 from flowcache_jax.kv.compress import CompressConfig
 from models.magi1 import Magi1Config, caption_projection, forward_call, patchify
 
@@ -46,6 +53,18 @@ class Magi1Denoiser:
     query_granularity: str = "frame"  # queries scored at a compression: last 50 tokens / last frame / chunk
     prefix_chunks: int = 0  # clean chunks given before the video (continuation): ``cond["prefix"]``, see prepare_kv
     constrain: Any = None  # the sharding hook (flowcache_jax.sharding.Layout); None on one device
+    kv_method: kvm.QuantMethod | None = None  # finished chunks' K/V fake-quantized by this method (None: dense)
+
+    def __post_init__(self):
+        m = self.kv_method
+        if m is None:
+            return
+        if self.compression is not None or self.cache_chunks is not None:
+            raise ValueError("kv_method does not combine with KV compression (compression / cache_chunks): the "
+                             "quantized chunks stay in the whole video's buffer")
+        if m.store.frame_tokens != self.frame_tokens:
+            raise ValueError(f"the kv method is built for {m.store.frame_tokens}-token frames, the model's "
+                             f"(patchified) latent frames have {self.frame_tokens}")
 
     @property
     def chunk_shape(self) -> tuple[int, int, int, int]:
@@ -55,6 +74,12 @@ class Magi1Denoiser:
     def tokens_per_chunk(self) -> int:
         p, pt = self.cfg.patch_size, self.cfg.t_patch_size
         return (self.chunk_frames // pt) * (self.latent_h // p) * (self.latent_w // p)
+
+    @property
+    def frame_tokens(self) -> int:
+        """Tokens of one patchified latent frame (a chunk's tokens are frame-major)."""
+        p = self.cfg.patch_size
+        return (self.latent_h // p) * (self.latent_w // p)
 
     @property
     def window(self) -> int:
@@ -71,6 +96,21 @@ class Magi1Denoiser:
         ctn, hw = self.tokens_per_chunk, (self.latent_h // self.cfg.patch_size) * (self.latent_w // self.cfg.patch_size)
         return {"token": min(50, ctn), "frame": hw, "chunk": ctn}[self.query_granularity]
 
+    @property
+    def captured_queries(self) -> int:
+        """Query rows every forward keeps as ``last_q``: compression's granularity, a ranked method's whole chunk
+        (its score reads the last forward's queries over a finished chunk's keys), else none."""
+        if self.compression is not None:
+            return self.query_rows
+        if self.kv_method is not None and self.kv_method.ranked:
+            return self.tokens_per_chunk
+        return 0
+
+    @property
+    def quant_slots(self) -> int:
+        """Frames the buffer holds (the quantization bookkeeping and the study planner's static capacity)."""
+        return self.layout.rows // self.frame_tokens
+
     def sample_noise(self, key: jax.Array, batch: int) -> jax.Array:
         return jax.random.normal(key, (batch, *self.chunk_shape), jnp.float32)
 
@@ -79,11 +119,18 @@ class Magi1Denoiser:
         c, lay = self.cfg, self.layout
         buf = kvbuf.empty(lay, c.num_layers, c.num_query_groups, c.kv_channels, c.jdtype)
         kv = {"buf": buf}
+        if self.captured_queries:
+            q_shape = (c.num_layers, self.captured_queries, c.num_attention_heads, c.kv_channels)
+            kv["last_q"] = jnp.zeros(q_shape, buf.k.dtype)
         if self.compression is not None:
-            q_shape = (c.num_layers, self.query_rows, c.num_attention_heads, c.kv_channels)
-            kv.update(last_q=jnp.zeros(q_shape, buf.k.dtype),
-                      last_idx=jnp.zeros((c.num_layers, c.num_query_groups, lay.history_rows), jnp.int32),
+            kv.update(last_idx=jnp.zeros((c.num_layers, c.num_query_groups, lay.history_rows), jnp.int32),
                       events=jnp.zeros((), jnp.int32))
+        if self.kv_method is not None:  # per frame slot: absolute frame once quantized (-1 before), summarised
+            s = self.quant_slots
+            kv["quant"] = {"frames": jnp.full((s,), -1, jnp.int32), "folded": jnp.zeros((s,), bool),
+                           "plan": kvm.init_state(self.kv_method, s, c.num_query_groups)}
+            if self.kv_method.ages:  # each stored frame's token ranks, for its ageing later
+                kv["quant"]["rank"] = jnp.zeros((c.num_layers, s, c.num_query_groups, self.frame_tokens), jnp.int32)
         if batch == 1:
             return kv
         axes = self._kv_axes(kv)
@@ -142,7 +189,7 @@ class Magi1Denoiser:
         ctn, buf = self.tokens_per_chunk, kv["buf"]
         kv_range = jnp.stack([chunk * ctn, (chunk + 1) * ctn])[None]
         interval = jnp.asarray(self.distill_intervals, jnp.float32)[k % len(self.distill_intervals)]
-        nq = self.query_rows if self.compression is not None else 0
+        nq = self.captured_queries
         vel, (bk, bv), inter = forward_call(
             self.cfg, params, x[0], t[None], y[None], mask[None], kv_range, (buf.k, buf.v), chunk, self.num_steps,
             int(write), interval, self.key_tile, buffer_mask=kvbuf.read_mask(buf, chunk, first),
@@ -233,10 +280,65 @@ class Magi1Denoiser:
             if self._batched(kv):
                 x = jnp.broadcast_to(x, (kv["buf"].k.shape[0], *x.shape[1:]))
             kv = self.encode_clean(params, cond, x, info, kv)
+            if self.kv_method is not None:  # a given chunk is final once encoded
+                kv = self._each_video(lambda kv, c=i: self._quantize_chunk(kv, jnp.int32(c)), kv)
         return kv
 
+    def _each_video(self, fn, kv: dict) -> dict:
+        """``fn(kv)`` of every video's K/V (vmapped over a batch; the shared owners pass through)."""
+        if not self._batched(kv):
+            return fn(kv)
+        axes = self._kv_axes(kv)
+        return jax.vmap(fn, in_axes=(axes,), out_axes=axes)(kv)
+
+    def _quantize_chunk(self, kv: dict, chunk: jax.Array) -> dict:
+        """One video: a final chunk's rows (every layer, K and V) replaced by what the method's store returns for
+        them (``kvm.fake_quantize_block``, ranked by the last forward's queries), and its frames recorded as
+        held; the study's recipe then re-plans every held frame and folds the frames it summarises."""
+        m, lay, fsl = self.kv_method, self.layout, self.frame_tokens
+        ctn, fpc = lay.tokens_per_chunk, lay.frames_per_chunk
+        buf, st = kv["buf"], kv["quant"]
+        start = lay.slot_start(chunk)
+        k, v = (jax.lax.dynamic_slice_in_dim(a, start, ctn, 1) for a in (buf.k, buf.v))  # [L, ctn, G, d]
+        if m.ranked:
+            kq, vq, rank = jax.lax.map(lambda a: kvm.fake_quantize_block(m, a[2], a[0], a[1], fpc),
+                                       (k, v, kv["last_q"]))
+        else:
+            kq, vq, rank = jax.lax.map(lambda a: kvm.fake_quantize_block(m, None, a[0], a[1], fpc), (k, v))
+        bk, bv = (jax.lax.dynamic_update_slice_in_dim(a, x.astype(a.dtype), start, 1)
+                  for a, x in ((buf.k, kq), (buf.v, vq)))
+        frames = jax.lax.dynamic_update_slice_in_dim(
+            st["frames"], (chunk * fpc + jnp.arange(fpc)).astype(jnp.int32), start // fsl, 0)
+        folded, plan = st["folded"], st["plan"]
+        quant = {"frames": frames, "plan": plan}
+        if m.study is not None:
+            bk, bv, folded, plan = kvm.dense_study_replan(m, bk, bv, frames, folded, plan)
+            quant["plan"] = plan
+        if m.ages:  # frames past the recent ones keep their first tiers, the rest folds into the mean
+            ranks = jax.lax.dynamic_update_slice_in_dim(st["rank"], rank.astype(jnp.int32), start // fsl, 1)
+            bk, bv, folded = kvm.age_dense(m, bk, bv, frames, folded, ranks)
+            quant["rank"] = ranks
+        quant["folded"] = folded
+        return dict(kv, buf=buf.replace(k=bk, v=bv), quant=quant)
+
+    def _quantize_finished(self, kv: dict, finished: jax.Array) -> dict:
+        """Fake-quantize every chunk that finished this stage (ring slot -> chunk id or -1), oldest first."""
+        none = jnp.iinfo(jnp.int32).max
+        order = jnp.sort(jnp.where(finished >= 0, finished, none))
+
+        def videos(kv):
+            def one(kv, c):
+                return jax.lax.cond(c != none, lambda kv: self._quantize_chunk(kv, c + self.prefix_chunks),
+                                    lambda kv: kv, kv), None
+            return jax.lax.scan(one, kv, order)[0]
+
+        return jax.lax.cond(jnp.any(finished >= 0), lambda kv: self._each_video(videos, kv), lambda kv: kv, kv)
+
     def end_stage(self, params: dict, kv: dict, finished: jax.Array, n_chunks: jax.Array) -> dict:
-        """Compress when the reference does: a chunk of the ring finished and another one will enter its slot."""
+        """Compress when the reference does: a chunk of the ring finished and another one will enter its slot;
+        with a quantization method, fake-quantize the chunks that finished instead."""
+        if self.kv_method is not None:
+            return self._quantize_finished(kv, finished)
         lay = self.layout
         if self.compression is None or lay.history_chunks < 1:
             return kv
@@ -255,7 +357,10 @@ class Magi1Denoiser:
         return jax.lax.cond(trigger, compress, lambda kv: kv, kv)
 
     def report(self, kv: dict) -> dict:
-        """What a stage leaves behind for inspection: compression events and the last kept indices."""
+        """What a stage leaves behind for inspection: compression events and the last kept indices; with a
+        quantization method the frame held by every frame slot (-1: not yet quantized) and which are summarised."""
+        if self.kv_method is not None:
+            return {"quant_frames": kv["quant"]["frames"], "quant_folded": kv["quant"]["folded"]}
         if self.compression is None:
             return {}
         return {"events": kv["events"], "last_idx": kv["last_idx"]}

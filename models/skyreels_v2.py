@@ -137,10 +137,31 @@ def text_embed(cfg: SkyReelsConfig, p: dict, context: jax.Array) -> jax.Array:
                  p["text"]["fc2"], jnp.float32).astype(jnp.dtype(cfg.dtype))
 
 
-def time_conditions(cfg: SkyReelsConfig, p: dict, t: jax.Array, fps: int | jax.Array) -> dict:
-    """Per-frame time embedding ``e`` [F, D] and modulation ``e0`` [F, 6, D] of integer timesteps ``t`` [F]."""
+def sinusoid(freq_dim: int, t: jax.Array) -> jax.Array:
+    """[cos, sin] sinusoids [F, freq_dim] of timesteps ``t`` [F] as upstream computes them in float64.
+
+    Integer timesteps (SkyReels) index the float64 table; float ones (Self-Forcing's warped 937.5, 833.33...)
+    split into an integer part from that table and a fraction r < 1 rotated in float32 (angle addition), so the
+    large phases never lose their precision to float32 rounding.
+    """
+    table = jnp.asarray(timestep_table(freq_dim))
+    t = jnp.asarray(t)
+    if jnp.issubdtype(t.dtype, jnp.integer):
+        return table[t.astype(jnp.int32)]
+    half = freq_dim // 2
+    n = jnp.clip(jnp.floor(t), 0, 1000).astype(jnp.int32)
+    cn, sn = table[n, :half], table[n, half:]
+    freqs = jnp.asarray(10000.0 ** (-np.arange(half, dtype=np.float64) / half), jnp.float32)
+    a = (t.astype(jnp.float32) - n.astype(jnp.float32))[:, None] * freqs
+    cr, sr = jnp.cos(a), jnp.sin(a)
+    return jnp.concatenate([cn * cr - sn * sr, sn * cr + cn * sr], -1)
+
+
+def time_conditions(cfg: SkyReelsConfig, p: dict, t: jax.Array, fps: int | jax.Array | None) -> dict:
+    """Per-frame time embedding ``e`` [F, D] and modulation ``e0`` [F, 6, D] of timesteps ``t`` [F] (integer, or
+    float for Self-Forcing); ``fps`` is read only with the fps embedding (``inject_sample_info``)."""
     d = cfg.dim
-    sinus = jnp.asarray(timestep_table(cfg.freq_dim))[jnp.asarray(t, jnp.int32)]
+    sinus = sinusoid(cfg.freq_dim, t)
     e = dense(jax.nn.silu(dense(sinus, p["time"]["fc1"], jnp.float32)), p["time"]["fc2"], jnp.float32)
     proj = dense(jax.nn.silu(e), p["time_proj"], jnp.float32)
     e0 = proj.reshape(-1, 6, d)
@@ -172,7 +193,7 @@ def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_
                cos: jax.Array, sin: jax.Array, ranges: jax.Array | None, key_tile: int = 4096,
                kv: tuple[jax.Array, jax.Array] | None = None, write_start: jax.Array | None = None,
                with_intermediates: bool = False, key_mask: jax.Array | None = None, compress: dict | None = None,
-               keys: attn.Keys | None = None, constrain=None) -> tuple:
+               keys: attn.Keys | None = None, constrain=None, self_attention: tuple | None = None) -> tuple:
     """The transformer blocks on tokens ``h`` [n, D] (frame of each token: ``frame_of`` into ``e0``).
 
     Without ``kv`` self-attention sees the call's own tokens within ``ranges``. With a K/V buffer
@@ -184,6 +205,10 @@ def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_
     ``keys`` says what ``ranges`` / ``key_mask`` mean (full, a prefix, block-causal) so that a fused attention
     (``cfg.attention_impl``) gets its cheapest form; ``ctx`` is the text embedding [L, D] or its per-layer
     cross-attention (K, V) from ``cross_kv``. ``constrain(x, logical_axes)`` is the sharding hook (None: one device).
+    ``self_attention`` = (fn, per-layer tree): the caller's own K/V store instead of a buffer (Self-Forcing's packed
+    history): ``fn(q, k, v, layer_tree) -> (o [n, heads, hd], aux)`` with the tokens' post-RoPE ``k`` and raw ``v``
+    (``aux``: anything per layer, e.g. a score of the keys, or None); the tokens' K/V of every layer are then
+    returned in place of the buffer, and the stacked ``aux`` in place of the intermediates.
     """
     n, d = h.shape
     heads, hd, eps = cfg.num_heads, cfg.head_dim, cfg.eps
@@ -198,7 +223,10 @@ def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_
     if compress is not None and attn.resolve(cfg.attention_impl, dt_) != "tiled":
         raise ValueError("KV compression inside the blocks runs on the tiled attention only")
     pre_kv = isinstance(ctx, tuple)
+    if self_attention is not None and kv is not None:
+        raise ValueError("pass either a K/V buffer or a self_attention hook")
     xs = (p["layers"], jnp.arange(cfg.num_layers)) + ((ctx[0].astype(dt_), ctx[1].astype(dt_)) if pre_kv else ())
+    xs = xs + ((self_attention[1],) if self_attention is not None else ())
 
     def block(h, inputs):
         lp, li = inputs[:2]
@@ -223,14 +251,19 @@ def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_
                 kept = (kvc.gather(kc, idx), kvc.gather(vc, idx), idx)
                 keys_ = jax.lax.dynamic_update_slice_in_dim(keys_, kept[0], compress["keep"], 0)
                 values = jax.lax.dynamic_update_slice_in_dim(values, kept[1], compress["keep"], 0)
-        keys_, values = (shard(a, ("kv_tokens", "kv_heads", "head_dim")) for a in (keys_, values))
-        o = dense(attn.attend(q, keys_, values, keys, cfg.attention_impl, key_tile).reshape(n, d), sa["o"])
+        aux = None
+        if self_attention is not None:
+            o, aux = self_attention[0](q, k, v, inputs[-1])
+        else:
+            keys_, values = (shard(a, ("kv_tokens", "kv_heads", "head_dim")) for a in (keys_, values))
+            o = attn.attend(q, keys_, values, keys, cfg.attention_impl, key_tile)
+        o = dense(o.reshape(n, d), sa["o"])
         h = h + o.astype(jnp.float32) * gate1
         xn = layer_norm(h, lp["norm3"]["scale"], lp["norm3"]["bias"], eps).astype(dt_)
         ca = lp["cross_attn"]
         qx = rms_norm(dense(xn, ca["q"]), ca["norm_q"]["scale"], eps).reshape(n, heads, hd)
         if pre_kv:
-            kx, vx = inputs[2:]
+            kx, vx = inputs[2:4]
         else:
             kx = rms_norm(dense(ctx, ca["k"]), ca["norm_k"]["scale"], eps).reshape(-1, heads, hd)
             vx = dense(ctx, ca["v"]).reshape(-1, heads, hd)
@@ -240,10 +273,12 @@ def run_blocks(cfg: SkyReelsConfig, p: dict, h: jax.Array, e0: jax.Array, frame_
         f = lp["ffn"]
         y = dense(jax.nn.gelu(dense(y, f["fc1"]).astype(jnp.float32), approximate=True).astype(dt_), f["fc2"])
         h = h + y.astype(jnp.float32) * gate2
-        own = (k, v) if kv is not None else (None, None)
-        return h, (h if with_intermediates else None, *own, *kept)
+        own = (k, v) if kv is not None or self_attention is not None else (None, None)
+        return h, (aux if self_attention is not None else h if with_intermediates else None, *own, *kept)
 
     h, (outs, ks, vs, k_keep, v_keep, idx) = jax.lax.scan(block, h, xs)
+    if self_attention is not None:
+        return h, (ks, vs), outs
     if kv is not None:  # the tokens' K/V (and kept rows) go into the buffer once, after the layer loop
         zero = jnp.int32(0)
         kv = (jax.lax.dynamic_update_slice(kv[0], ks.astype(kv[0].dtype), (zero, write_start, zero, zero)),

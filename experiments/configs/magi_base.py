@@ -31,7 +31,13 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
     c.kv = ml_collections.ConfigDict(dict(
         compress=False,  # FlowCache's KV compression: a fixed buffer of budget_chunks chunks (spec flowcache §4.2)
         budget_chunks=5,  # total_cache_chunk_nums as shipped: window + compressed history (here 1 chunk)
-        mix_lambda=0.07, kernel=7, query_granularity="frame"))
+        mix_lambda=0.07, kernel=7, query_granularity="frame",
+        # Fake quantization of finished chunks' K/V (flowcache_jax.kv.methods; fidelity only, the buffer stays
+        # dense): "dense" or a method name; for "ours": tiers = (bits, fraction of a frame's tokens) by the score
+        # (importance weight score_lambda), the rest in one summary token per frame and head (summary), and a frame
+        # older than the recent_frames newest keeps its first aged_tiers tiers (-1: no ageing).
+        method="dense", tiers=((8, 0.25), (4, 0.75)), summary=True, score_lambda=1.0, recent_frames=6,
+        aged_tiers=0))
     # Video continuation (MAGI-1's v2v): the last `chunks` chunks of a clip, given clean. source "file": an .npz with
     # "latents" [16, T, H, W]; "video": an MP4 (`video`) encoded with the checkpoint's VAE (chunks 0 = all it holds).
     c.prefix = ml_collections.ConfigDict(dict(chunks=0, source="file", file="", video=""))
