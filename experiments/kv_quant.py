@@ -123,23 +123,38 @@ def config_for(model: str, method: str, ckpt: str) -> ml_collections.ConfigDict:
 
 
 def compiled_memory(run) -> dict:
-    """XLA's memory analysis of the run's compiled stage function (bytes)."""
-    exe = next(iter(run.sampler._compiled.values()))
-    m = exe.memory_analysis()
-    fields = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
+    """XLA's memory analysis of the run's one compiled stage function (bytes). ``peak`` = arguments + outputs not
+    aliased to them + temporaries: what this backend holds at once (on a CPU nothing is donated, so the state is
+    both an argument and an output; on a GPU the donated state is aliased and counted once)."""
+    if len(run.sampler._compiled) != 1:
+        raise RuntimeError(f"expected one compiled stage function, found {len(run.sampler._compiled)}")
+    m = next(iter(run.sampler._compiled.values())).memory_analysis()
+    if m is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend reports no memory analysis")
+    fields = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     fields["peak"] = fields["argument"] + fields["output"] - fields["alias"] + fields["temp"]
     return fields
 
 
 def device_peak() -> int | None:
-    """The device's peak allocation so far (GPU/TPU memory stats; None on a CPU)."""
-    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
-    return None if not stats else int(stats.get("peak_bytes_in_use", 0))
+    """The device's peak allocation of this process so far (GPU/TPU memory stats; None where there are none). It
+    is never reset, so only its growth from one method to the next says anything: the rows record it as it is."""
+    if jax.default_backend() == "cpu":
+        return None
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
+
+
+def state_bytes(den) -> int:
+    """Bytes the run's K/V state really allocates (every array of ``init_kv``, used or not)."""
+    shapes = jax.eval_shape(lambda: den.init_kv(1, 1))
+    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(shapes)))
 
 
 def history_bytes(run, res) -> dict:
     """Accounted bytes of the history the run ended with, and what bf16 would take for the same frames."""
     from flowcache_jax.kv import quant_store as qs
+    from flowcache_jax.kv import study
 
     den = run.denoiser
     if run.cfg.model == "self_forcing":
@@ -153,12 +168,16 @@ def history_bytes(run, res) -> dict:
         cfg = den.kv_method.store
         st = qs.frame_stats(cfg, c.num_heads, c.head_dim)
         tier_on = np.asarray(report["tier_on"])[np.asarray(report["frame"]) >= 0]
-        if den.kv_method.study is not None:  # the study's own accounting: its plan's INT4 frames, one token for
-            summary = 2 * c.num_heads * c.head_dim * 2  # each summarised one (what the store holds is at most that)
+        if den.kv_method.study is not None:  # what the store holds: INT4 frames and one token per folded frame;
+            summary = 2 * c.num_heads * c.head_dim * 2  # the study's own accounting (its plan's tiers) beside it
+            int4 = st["codes_bytes"] + st["scale_bytes"]
             tiers = np.asarray(report["plan_tiers"])[:held]
-            per = np.where(tiers == 3, summary, st["codes_bytes"] + st["scale_bytes"])
-            return {"frames": held, "kv_bytes": int(per.sum()) * c.num_layers, "bf16_bytes": bf16,
-                    "summarised_stored": int((~tier_on[:, 0]).sum()), "summarised_planned": int((tiers == 3).sum())}
+            stored = np.where(tier_on[:, 0], int4, summary)
+            planned = np.where(tiers == study.SUMMARISED, summary, int4)
+            return {"frames": held, "kv_bytes": int(stored.sum()) * c.num_layers, "bf16_bytes": bf16,
+                    "study_plan_bytes": int(planned.sum()) * c.num_layers,
+                    "summarised_stored": int((~tier_on[:, 0]).sum()),
+                    "summarised_planned": int((tiers == study.SUMMARISED).sum())}
         aged = int((np.asarray(report.get("aged_frame", [])) >= 0).sum())
         if aged:
             aged_st = qs.frame_stats(den.kv_method.aged_store, c.num_heads, c.head_dim)
@@ -171,6 +190,7 @@ def history_bytes(run, res) -> dict:
     c, fsl = den.cfg, den.frame_tokens
     report = res.stage_reports[-1]
     frames = np.asarray(report.get("quant_frames", []))
+    # a dense buffer keeps every chunk of the run (given and generated); a quantized one records what it stored
     held = int((frames >= 0).sum()) if frames.size else int(run.table.n_chunks + den.prefix_chunks) * \
         den.layout.frames_per_chunk
     g, hd, layers = c.num_query_groups, c.kv_channels, c.num_layers
@@ -197,8 +217,9 @@ def run_method(model: str, method: str, ckpt: str) -> dict:
     wall = time.perf_counter() - t0
     mem = compiled_memory(run)
     acc = history_bytes(run, res)
+    acc["allocated_bytes"] = state_bytes(run.denoiser)
     return {"run": run, "res": res, "wall_s": float(timed.wall["denoise"]), "wall_total_s": wall, "memory": mem,
-            "accounting": acc, "device_peak_bytes": device_peak()}
+            "accounting": acc, "device_peak_bytes_process": device_peak()}
 
 
 def fidelity(run, res, ref_run, ref_res, lpips) -> dict:
@@ -277,21 +298,28 @@ def main(argv: list[str]) -> None:
                 fid = fidelity(r["run"], r["res"], ref["run"], ref["res"], lpips)
                 acc, mem = r["accounting"], r["memory"]
                 kv = acc.get("kv_bytes")
-                rows.append({"model": model, "method": method, "compression": (acc["bf16_bytes"] / kv) if kv else None,
-                             "kv_bytes": kv, "bf16_kv_bytes": acc.get("bf16_bytes"), "frames_held": acc.get("frames"),
-                             "peak_bytes": mem["peak"], "memory": mem, "device_peak_bytes": r["device_peak_bytes"],
-                             "wall_s": r["wall_s"], **fid,
-                             "storage": "packed store" if model == "self_forcing" else "fake quantization"})
+                rows.append({"model": model, "method": method, "compression": acc["bf16_bytes"] / kv,
+                             "kv_bytes": kv, "bf16_kv_bytes": acc["bf16_bytes"], "frames_held": acc["frames"],
+                             "allocated_bytes": acc["allocated_bytes"], "peak_bytes": mem["peak"], "memory": mem,
+                             "device_peak_bytes_process": r["device_peak_bytes_process"], "wall_s": r["wall_s"],
+                             **{k: acc[k] for k in ("study_plan_bytes", "summarised_stored", "summarised_planned",
+                                                    "aged") if k in acc},
+                             **fid, "storage": "packed store" if model == "self_forcing" else "fake quantization"})
     base = {r["model"]: r for r in rows if r["method"] == "bf16"}
     for r in rows:
         b = base[r["model"]]
         r["peak_saving_bytes"] = b["peak_bytes"] - r["peak_bytes"]
-        r["kv_saving_bytes"] = (b["kv_bytes"] or 0) - (r["kv_bytes"] or 0)
+        r["kv_saving_bytes"] = b["kv_bytes"] - r["kv_bytes"]
+        r["allocated_saving_bytes"] = b["allocated_bytes"] - r["allocated_bytes"]
     full = fullsize_rows(config_for("self_forcing", "ours", "").kv.to_dict())
     record = {"rows": rows, "fullsize": full, "dtype": "bfloat16", "blocks": _BLOCKS.value,
               "ours": config_for("self_forcing", "ours", "").kv.to_dict(),
               "backend": jax.default_backend(),
-              "notes": {"peak_bytes": "compiled stage function: arguments + outputs - aliased + temporaries",
+              "notes": {"peak_bytes": "compiled stage function: arguments + outputs - aliased + temporaries (on a "
+                                      "CPU nothing is donated: the state counts as argument and as output)",
+                        "kv_bytes": "what the history holds at the end (codes, fp16 scales, summary tokens); "
+                                    "allocated_bytes: every array of the K/V state; study_plan_bytes: the study's "
+                                    "own accounting by its plan's tiers",
                         "tiny": "MAGI-1 reads a dense buffer: fake quantization (fidelity only, memory unchanged)",
                         "self_forcing": "checkpoint " + (_CKPT.value or "random upstream-style init (not trained)")}}
     io.write_json(out / "kv_quant.json", record)

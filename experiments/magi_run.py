@@ -55,6 +55,9 @@ def validate_magi(cfg: ml_collections.ConfigDict) -> None:
     if method != "dense" and s.semantics != "reference":
         raise ConfigError(f"kv.method={method} needs sampler.semantics=reference (the clean re-encode of "
                           "semantics=magi rewrites a finished chunk's K/V after it was quantized)")
+    if method == "ours" and not kv.get("summary", True):  # a dense buffer cannot drop tokens: zero rows take mass
+        raise ConfigError("kv.summary=false drops tokens, which MAGI-1's dense buffer cannot (zero keys still take "
+                          "softmax mass): keep kv.summary=true on MAGI-1")
     if method == "ours" and not 0 <= kv.get("score_lambda", 1.0) <= 1:
         raise ConfigError(f"kv.score_lambda must be in [0, 1], got {kv.score_lambda}")
     if kv.compress:

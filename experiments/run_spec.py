@@ -50,7 +50,7 @@ class Run:
         the checkpoint has a VAE (``decoder.seconds`` is the decode time, excluded from the denoise time)."""
         import jax
 
-        cond = self.cond if seed is None else self.conditions(seed)
+        cond = self.conditions(self.cfg.seed if seed is None else seed)  # (a seed's own prefix, where it has one)
         key = self.key if seed is None else jax.random.PRNGKey(seed)
         dec = self.decoder if decode else None
         if dec is not None:
@@ -59,7 +59,9 @@ class Run:
         return res, (None if dec is None else dec.frames())
 
     def conditions(self, seed: int):
-        return self.cond if self.cond_for is None else self.cond_for(seed)
+        if self.cond_for is None or seed == self.cfg.seed:
+            return self.cond if self.cond_for is None else self.cond_for(seed)
+        return self.cond_for(seed)
 
     @property
     def key(self):

@@ -7,8 +7,10 @@ re-encode. Video fields are in pixel frames and pixels as upstream (the Wan VAE:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -23,6 +25,7 @@ CONVERT_HINT = ("convert the released generator first: python -m converters.conv
                 "--config.checkpoint=<DIR> (python -m converters.release --model=self_forcing ... adds the umT5 text "
                 "encoder, its tokenizer and the Wan VAE, for prompts and decoded video)")
 CONTEXT_PASSES = ("clean", "skip")
+FIRST_FRAME_STREAM = 0x7F1F  # the noise stream of a text-to-video run's independent first frame (fold_in of the seed)
 
 
 def latent_frames(frames: int) -> int:
@@ -47,18 +50,20 @@ def validate_self_forcing(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("sampler.shift > 0, num_frame_per_block >= 1 and sink_size >= 0")
     if s.context_pass not in CONTEXT_PASSES:
         raise ConfigError(f"sampler.context_pass must be one of {', '.join(CONTEXT_PASSES)}, got {s.context_pass!r}")
+    if s.context_pass == "skip" and p.name != "vanilla":
+        raise ConfigError("sampler.context_pass=skip writes a block's K/V from its last step, which a caching policy "
+                          "may reuse instead of running: use policy.name=vanilla, or context_pass=clean")
+    if not 0 <= cfg.kv.get("score_lambda", 1.0) <= 1:
+        raise ConfigError(f"kv.score_lambda must be in [0, 1], got {cfg.kv.score_lambda}")
     if s.local_attn_size - s.sink_size < s.num_frame_per_block:
         raise ConfigError(f"sampler.local_attn_size ({s.local_attn_size}) - sink_size ({s.sink_size}) must hold at "
                           f"least one block ({s.num_frame_per_block} latent frames)")
     if v.num_frames < 1 or (v.num_frames - 1) % 4:
         raise ConfigError(f"video.num_frames={v.num_frames} must be 4k+1 pixel frames (the VAE's temporal stride)")
-    first = 1 if s.independent_first_frame and not cfg.initial_latent else 0
-    if first:
-        raise ConfigError("independent_first_frame without config.initial_latent (text-to-video with a 1-frame first "
-                          "block) is not supported yet; give the first frame as config.initial_latent")
-    if latent_frames(v.num_frames) % s.num_frame_per_block:
-        raise ConfigError(f"video.num_frames={v.num_frames} is {latent_frames(v.num_frames)} latent frames, not a "
-                          f"multiple of sampler.num_frame_per_block={s.num_frame_per_block}")
+    first = 1 if s.independent_first_frame and not cfg.initial_latent else 0  # text-to-video: blocks [1, F, ...]
+    if (latent_frames(v.num_frames) - first) % s.num_frame_per_block or latent_frames(v.num_frames) <= first:
+        raise ConfigError(f"video.num_frames={v.num_frames} is {latent_frames(v.num_frames)} latent frames, not "
+                          f"{'1 + ' if first else ''}a multiple of sampler.num_frame_per_block={s.num_frame_per_block}")
     if v.height % 16 or v.width % 16:
         raise ConfigError(f"video height/width {v.height}x{v.width} must be multiples of 16 (VAE 8 x patch 2)")
     from flowcache_jax.kv.methods import METHODS
@@ -111,10 +116,12 @@ def initial_latent(path: str, den_cfg, h: int, w: int) -> np.ndarray | None:
 
 
 class BlockDecoder:
-    """The Wan VAE's streaming decoder fed block by block as the sampler finishes them (``on_chunk``)."""
+    """The Wan VAE's streaming decoder fed block by block as the sampler finishes them (``on_chunk``), after the
+    frames the video continues (``prefix`` [C, F, H, W]: given, or the generated first frame of the seed)."""
 
     def __init__(self, frames_decoder, block: int, prefix: np.ndarray | None):
         self.inner, self.block, self.prefix = frames_decoder, block, prefix
+        self.offset = 0 if prefix is None else prefix.shape[1]
 
     @property
     def seconds(self) -> float:
@@ -126,7 +133,7 @@ class BlockDecoder:
             self.inner(0, self.prefix)
 
     def __call__(self, chunk: int, latent: np.ndarray) -> None:
-        self.inner(chunk * self.block, latent[0])
+        self.inner(self.offset + chunk * self.block, latent[0])
 
     def frames(self) -> np.ndarray:
         return self.inner.frames()
@@ -147,15 +154,17 @@ def build_self_forcing(cfg: ml_collections.ConfigDict, n_chunks: int | None = No
     v, s = cfg.video, cfg.sampler
     h, w = v.height // 8, v.width // 8
     block = int(s.num_frame_per_block)
-    n_blocks = latent_frames(v.num_frames) // block if n_chunks is None else n_chunks
     release = open_release(cfg.checkpoint, "self_forcing")
     ctx, note, text = contexts(cfg, mcfg, meta, release)
     prefix = initial_latent(cfg.initial_latent, mcfg, h, w)
+    first = prefix is None and bool(s.independent_first_frame)  # text-to-video: a 1-frame block first
+    n_blocks = (latent_frames(v.num_frames) - first) // block if n_chunks is None else n_chunks
     try:
         _, ph, pw = mcfg.patch_size
         method = from_config(cfg.kv, (h // ph) * (w // pw))
         den = SelfForcingDenoiser(mcfg, block, h, w, kv_frames=int(s.local_attn_size), sink_frames=int(s.sink_size),
-                                  key_tile=int(s.key_tile), prefix_frames=0 if prefix is None else prefix.shape[1],
+                                  key_tile=int(s.key_tile),
+                                  prefix_frames=int(first) if prefix is None else prefix.shape[1],
                                   independent_first_frame=bool(s.independent_first_frame), kv_method=method,
                                   context_pass=s.context_pass)
         policy = make_policy(cfg.policy)
@@ -166,10 +175,30 @@ def build_self_forcing(cfg: ml_collections.ConfigDict, n_chunks: int | None = No
                       reencode_clean=s.context_pass == "clean", solver=ReNoise(sigmas))
     table = magi_schedule(n_blocks, 1, len(timesteps), grid=1.0 - sigmas)
     batch_ctx = jnp.broadcast_to(jnp.asarray(ctx), (cfg.batch, *ctx.shape))
-    cond = den.prepare_cond(params, batch_ctx, timesteps, s.context_noise,
-                            prefix=None if prefix is None else jnp.broadcast_to(prefix, (cfg.batch, *prefix.shape)))
     frames_dec = make_decoder(release, cfg.get("compute"))
     decoder = None if frames_dec is None else BlockDecoder(frames_dec, block, prefix)
+    given = None if prefix is None else jnp.broadcast_to(prefix, (cfg.batch, *prefix.shape))
+    cond_for = None
+    if first:  # upstream's [1, F, F, ...]: the first frame is a block of its own, then the video continues it
+        one = dataclasses.replace(den, block=1, prefix_frames=0, independent_first_frame=False)
+        first_sampler = Sampler(one, policy, window=1, batch=cfg.batch, reuse="residual",
+                                metric_dtype=cfg.policy.metric_dtype, solver=ReNoise(sigmas))
+        first_table = magi_schedule(1, 1, len(timesteps), grid=1.0 - sigmas)
+        one_cond = one.prepare_cond(params, batch_ctx, timesteps, s.context_noise)
+        made: dict = {}
+
+        def cond_for(seed: int) -> dict:
+            if seed not in made:  # its clean pass is the main run's prefix encode (prepare_kv), as upstream's
+                key = jax.random.fold_in(jax.random.PRNGKey(seed), FIRST_FRAME_STREAM)
+                lead = first_sampler.run(params, one_cond, first_table, key, progress=False).video[:, 0]
+                made[seed] = den.prepare_cond(params, batch_ctx, timesteps, s.context_noise, prefix=jnp.asarray(lead))
+            if decoder is not None:
+                decoder.prefix, decoder.offset = np.asarray(made[seed]["prefix"][0]), 1
+            return made[seed]
+
+        cond = cond_for(cfg.seed)
+    else:
+        cond = den.prepare_cond(params, batch_ctx, timesteps, s.context_noise, prefix=given)
     notes = {"contexts": note, **release.notes(), **compute,
              "kv": f"{den.kv_frames} frames seen ({den.sink_frames} sink), history {den.history_frames} frame slots, "
                    f"{cfg.kv.method}" + ("" if method is None else f" ({_tiers_note(method)})"),
@@ -177,8 +206,12 @@ def build_self_forcing(cfg: ml_collections.ConfigDict, n_chunks: int | None = No
              "video": "decoded by the Wan VAE as blocks finish" if decoder else "latents (no VAE)"}
     if prefix is not None:
         notes["initial_latent"] = f"{prefix.shape[1]} clean frames from {cfg.initial_latent} (not in the latents)"
+    if first:
+        notes["first_frame"] = ("independent first frame: a 1-frame block generated first (its own compiled sampler; "
+                                "its forwards and time are not in the run's records), then continued; not in the "
+                                "latents, first in the decoded video")
     return Run(cfg=cfg, denoiser=den, params=params, cond=cond, table=table, sampler=sampler, decoder=decoder,
-               text=text, notes=notes)
+               text=text, notes=notes, cond_for=cond_for)
 
 
 def _tiers_note(method) -> str:

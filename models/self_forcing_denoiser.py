@@ -234,7 +234,10 @@ class SelfForcingDenoiser:
                 else:
                     o = qs.attend(q, None, li, dense=((k, v, own), (hist["k"], hist["v"], valid)), key_tile=fsl)
                 if writes and quantized and method.ranked:
-                    return o, kvm.frame_ranks(method, q, k, f)
+                    if not traced:
+                        return o, kvm.frame_ranks(method, q, k, f)
+                    zero = jnp.zeros((f, k.shape[1], fsl), jnp.int32)  # the score runs on the writing step only
+                    return o, jax.lax.cond(commit, lambda: kvm.frame_ranks(method, q, k, f), lambda: zero)
                 return o, None
 
             layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
@@ -267,15 +270,22 @@ class SelfForcingDenoiser:
         return frame
 
     def _write_rows(self, hist: dict, ks: jax.Array, vs: jax.Array, start: jax.Array, frames: int) -> dict:
-        """The block's clean K/V ([layers, f·fsl, H, d]) into the history slots of its frames (one video): one
-        scatter per array (rows of frames a later frame of the block overwrites are dropped)."""
+        """The block's clean K/V ([layers, f·fsl, H, d]) into the history slots of its frames (one video), a slot
+        update per frame (in place: a scatter over the rows would need a buffer-sized temporary)."""
         fsl = self.frame_tokens
+        k, v = hist["k"], hist["v"]
         if self.history_frames == 0:
             return hist
-        slot, kept = jax.vmap(lambda i: self.slot_of(start + i, start + frames))(jnp.arange(frames))
-        rows = jnp.where(kept[:, None], slot[:, None] * fsl + jnp.arange(fsl), hist["k"].shape[1]).reshape(-1)
-        return {name: hist[name].at[:, rows].set(src.astype(hist[name].dtype), mode="drop")
-                for name, src in (("k", ks), ("v", vs))}
+        for i in range(frames):
+            slot, kept = self.slot_of(start + i, start + frames)
+
+            def put(kv_, i=i, slot=slot):
+                rows = (src[:, i * fsl:(i + 1) * fsl] for src in (ks, vs))
+                return tuple(jax.lax.dynamic_update_slice_in_dim(a, r.astype(a.dtype), slot * fsl, axis=1)
+                             for a, r in zip(kv_, rows, strict=True))
+
+            k, v = jax.lax.cond(kept, put, lambda kv_: kv_, (k, v))
+        return {"k": k, "v": v}
 
     def _write_frames(self, hist: dict, ks: jax.Array, vs: jax.Array, ranks: jax.Array | None, start: jax.Array,
                       frames: int) -> dict:

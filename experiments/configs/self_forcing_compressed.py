@@ -9,4 +9,5 @@ def get_config():
     c.kv.method = "ours"
     c.kv.tiers = ((8, 0.5),)
     c.kv.summary = False
+    c.kv.aged_tiers = -1  # compression only: no frame is summarised later
     return c

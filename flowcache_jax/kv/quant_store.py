@@ -180,11 +180,6 @@ def write(store: QuantStore, entries: FrameEntry, slot: jax.Array | int, frame_i
         frame=store.frame.at[slot].set(jnp.asarray(frame_index, jnp.int32)))
 
 
-def evict(store: QuantStore, slot: jax.Array | int) -> QuantStore:
-    """Mark a slot empty (its bytes stay; ``attend`` skips it)."""
-    return store.replace(frame=store.frame.at[slot].set(-1))
-
-
 def _tile(a: jax.Array, layer: jax.Array, slot: jax.Array) -> jax.Array:
     """a [L, S, ...] -> a[layer, slot] as a dynamic slice (reads one tile, copies nothing else)."""
     start = (layer, slot) + (jnp.int32(0),) * (a.ndim - 2)
