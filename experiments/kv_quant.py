@@ -64,14 +64,15 @@ def parse_tiers(text: str) -> tuple[tuple[int, float], ...]:
         raise common.ConfigError(f"--tiers must be bits:fraction pairs, e.g. 8:0.05,4:0.25, got {text!r}") from e
 
 
-def random_checkpoint(folder: Path, seed: int = 1234) -> Path:
-    """A converted-checkpoint folder of ``SMALL_MODEL`` initialised as the upstream fixtures are: N(0, 1/fan_in)
-    weights, 1 + 0.1 N norm scales, 0.05 N biases, 0.1 N modulation tables."""
+def random_checkpoint(folder: Path, seed: int = 1234, model: dict | None = None) -> Path:
+    """A converted-checkpoint folder of ``model`` (default ``SMALL_MODEL``) initialised as the upstream fixtures
+    are: N(0, 1/fan_in) weights, 1 + 0.1 N norm scales, 0.05 N biases, 0.1 N modulation tables."""
     from flowcache_jax import checkpoint
     from models.self_forcing import config_from_upstream
     from models.skyreels_v2 import param_shapes
 
-    cfg = config_from_upstream(SMALL_MODEL)
+    model = SMALL_MODEL if model is None else model
+    cfg = config_from_upstream(model)
     shapes = param_shapes(cfg)
     rng = np.random.default_rng(seed)
 
@@ -88,7 +89,7 @@ def random_checkpoint(folder: Path, seed: int = 1234) -> Path:
 
     params = jax.tree_util.tree_map_with_path(lambda p, s: np.asarray(init(p, s), np.float32), shapes,
                                               is_leaf=lambda x: isinstance(x, tuple))
-    checkpoint.write(folder, params, {"model": "self_forcing", "role": "dit", "model_config": SMALL_MODEL,
+    checkpoint.write(folder, params, {"model": "self_forcing", "role": "dit", "model_config": model,
                                       "source": {"init": f"upstream-style random, seed {seed}"}})
     return folder
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from tests import self_forcing_fixture as sf
@@ -70,3 +71,35 @@ def test_kv_quant_side_by_side_script(tmp_path):
     assert abs(full[("bf16", 42)]["kv_gib"] - 11.25) < 0.01  # the study's setting (65520 tokens x 30 layers)
     assert full[("ours", 42)]["compression"] > 5.49
     assert "compression" in p.stdout and "kv_gib" in p.stdout
+
+
+def test_self_forcing_prompt_to_mp4(tmp_path):
+    """A Self-Forcing release: the umT5 encoder, its tokenizer and the Wan VAE of the tiny fixtures (converted by the
+    release command) beside a causal Wan whose caption width is the encoder's: prompt -> blocks -> decoded MP4."""
+    import shutil
+
+    from experiments.kv_quant import SMALL_MODEL, random_checkpoint
+    from tests.test_prompt_to_mp4 import UMT5, WVAE, mp4_frames, release
+
+    dst = tmp_path / "release"
+    p = release("--model=skyreels_v2", f"--dst={tmp_path / 'sky'}", f"--dit={sf.ROOT.parent}/shared/fixtures/"
+                "skyreels_v2_tiny/weights.safetensors",
+                f"--dit_config={sf.ROOT.parent}/shared/fixtures/skyreels_v2_tiny/config.json",
+                f"--text_encoder={UMT5 / 'weights_wan.safetensors'}", "--text_encoder_format=original",
+                f"--tokenizer={UMT5 / 'tokenizer'}", f"--vae={WVAE / 'weights_diffusers.safetensors'}",
+                "--vae_format=diffusers", f"--vae_config={WVAE / 'config.json'}")
+    assert p.returncode == 0, p.stderr
+    width = json.loads((UMT5 / "config.json").read_text())["d_model"]
+    random_checkpoint(dst, model={**SMALL_MODEL, "text_dim": width})
+    for part in ("text_encoder", "tokenizer", "vae"):
+        shutil.copytree(tmp_path / "sky" / part, dst / part)
+    out = tmp_path / "out"
+    p = cli("run.py", "--config=self_forcing_vanilla", f"--config.checkpoint={dst}", "--config.prompt=a red fox",
+            f"--config.text.cache_dir={tmp_path / 'cache'}", "--config.video.height=32", "--config.video.width=48",
+            "--config.video.num_frames=21", f"--output_dir={out}", "--noprogress")
+    assert p.returncode == 0, p.stderr
+    r = json.loads((out / "results.json").read_text())
+    assert r["decoded"] and r["text"]["tokens"] > 1 and r["wall_s"]["decode"] > 0
+    frames = mp4_frames(out / "video.mp4")
+    assert frames.shape[:3] == (21, 32, 48)  # 6 latent frames (2 blocks) -> 1 + 4 * 5 pixel frames
+    assert frames.astype(np.float32).std(axis=0).mean() > 1.0
