@@ -21,7 +21,6 @@ Writes ``D/kv_quant.json`` (``rows``: method, model, compression, kv_bytes, peak
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from experiments import common  # noqa: E402
+from experiments.self_forcing_run import SMALL_MODEL, SMALL_VIDEO, random_checkpoint  # noqa: E402, F401
 
 METHOD_ROWS = ("bf16", "rtn_int8", "rtn_int4", "study_soft_prune_int4", "ours")
 _OUT = flags.DEFINE_string("output_dir", "outputs/kv_quant", "Output folder.")
@@ -51,47 +51,11 @@ _LPIPS = flags.DEFINE_string("lpips_weights", None, "LPIPS (AlexNet) weights as 
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the noise every method shares.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 
-# The random Self-Forcing-architecture model: Wan's structure at a width that runs on a CPU.
-SMALL_MODEL = dict(model_type="t2v", patch_size=[1, 2, 2], text_len=16, in_dim=16, dim=128, ffn_dim=512, freq_dim=64,
-                   text_dim=32, out_dim=16, num_heads=4, num_layers=4, qk_norm=True, cross_attn_norm=True, eps=1e-6)
-SMALL_VIDEO = dict(height=128, width=256)  # latent 16 x 32 -> 128 tokens per frame (a multiple of the 16-token group)
-
-
 def parse_tiers(text: str) -> tuple[tuple[int, float], ...]:
     try:
         return tuple((int(b), float(f)) for b, f in (p.split(":") for p in text.split(",") if p))
     except ValueError as e:
         raise common.ConfigError(f"--tiers must be bits:fraction pairs, e.g. 8:0.05,4:0.25, got {text!r}") from e
-
-
-def random_checkpoint(folder: Path, seed: int = 1234, model: dict | None = None) -> Path:
-    """A converted-checkpoint folder of ``model`` (default ``SMALL_MODEL``) initialised as the upstream fixtures
-    are: N(0, 1/fan_in) weights, 1 + 0.1 N norm scales, 0.05 N biases, 0.1 N modulation tables."""
-    from flowcache_jax import checkpoint
-    from models.self_forcing import config_from_upstream
-    from models.skyreels_v2 import param_shapes
-
-    model = SMALL_MODEL if model is None else model
-    cfg = config_from_upstream(model)
-    shapes = param_shapes(cfg)
-    rng = np.random.default_rng(seed)
-
-    def init(path, shape):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        if name.endswith("modulation"):
-            return 0.1 * rng.standard_normal(shape)
-        if name.endswith("scale"):
-            return 1.0 + 0.1 * rng.standard_normal(shape)
-        if name.endswith("bias"):
-            return 0.05 * rng.standard_normal(shape)
-        fan_in = shape[-2] if len(shape) >= 2 else shape[-1]
-        return rng.standard_normal(shape) / math.sqrt(fan_in)
-
-    params = jax.tree_util.tree_map_with_path(lambda p, s: np.asarray(init(p, s), np.float32), shapes,
-                                              is_leaf=lambda x: isinstance(x, tuple))
-    checkpoint.write(folder, params, {"model": "self_forcing", "role": "dit", "model_config": model,
-                                      "source": {"init": f"upstream-style random, seed {seed}"}})
-    return folder
 
 
 def config_for(model: str, method: str, ckpt: str) -> ml_collections.ConfigDict:

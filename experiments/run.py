@@ -4,11 +4,13 @@ r"""Generate one video with a named config; print a table; write results.json, l
   python experiments/run.py --config=NAME --config.mesh.fsdp=8 --config.mesh.seq=2 --num_processes=2 \
       --process_id=I --coordinator_address=host0:1234      # one process per host, one mesh over all of them
 
-With no --config the embedded default runs (no download needed).
+With no --config the embedded default runs (no download needed). ``--checkpoint_every=N`` saves a resume point
+every N stages; the same command started again after a crash continues from it and writes the same latents.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +28,9 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed).")
 _NPROC = flags.DEFINE_integer("num_processes", 1, "Multi-host: processes (one per host) that form one mesh.")
 _PID = flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
+_EVERY = flags.DEFINE_integer("checkpoint_every", 0, "Save a resume point in <output_dir>/resume every N stages "
+                              "(0: none). A killed run started again with the same command continues from it.")
+_RESUME = flags.DEFINE_bool("resume", True, "Continue from <output_dir>/resume when it holds a point of this run.")
 
 
 def init_distributed() -> bool:
@@ -43,6 +48,34 @@ def init_distributed() -> bool:
     return jax.process_index() == 0
 
 
+def resumable(run, out: Path, writer: bool) -> dict:
+    """The sampler's resume arguments for ``--checkpoint_every`` / ``--resume`` (a point in ``out/resume``)."""
+    from flowcache_jax import resume
+    from flowcache_jax.schedules import ScheduleTable
+
+    folder = out / "resume"
+    if _EVERY.value < 0:
+        raise common.ConfigError(f"--checkpoint_every must be >= 0, got {_EVERY.value}")
+    if not isinstance(run.table, ScheduleTable):
+        if _EVERY.value or (_RESUME.value and folder.exists()):
+            raise common.ConfigError(f"resumable runs exist for one-schedule models (MAGI-1, Self-Forcing, synthetic)"
+                                     f", not {run.cfg.model}'s windows: leave --checkpoint_every at 0")
+        return {}
+    print_ = resume.fingerprint(run.cfg.to_dict(), run.table)
+    kw = {}
+    if _EVERY.value and writer:
+        kw = {"checkpoint_every": _EVERY.value, "on_checkpoint": lambda point: resume.save(folder, point, print_)}
+    if _RESUME.value and folder.exists():
+        try:
+            point = resume.load(folder, run.sampler.init_state(run.params, run.conditions(run.cfg.seed)), print_)
+        except ValueError as e:
+            raise common.ConfigError(f"{e} (or pass --noresume to start over)") from e
+        if point is not None:
+            print(f"resumed at stage {point.stage} of {run.table.num_stages}")
+            kw["resume"] = point
+    return kw
+
+
 def main(argv: list[str]) -> None:
     del argv
 
@@ -56,7 +89,7 @@ def main(argv: list[str]) -> None:
     timer = metrics.WallTimer()
     with timer("load"):
         run = common.build(cfg)
-    res, frames = run.sample(progress=_PROGRESS.value)
+    res, frames = run.sample(progress=_PROGRESS.value, **resumable(run, out, writer))
     run_fl = common.run_flops(run, res)
     results = {
         "config_name": cfg.name, "policy": cfg.policy.name, "threshold": cfg.policy.threshold,
@@ -88,6 +121,8 @@ def main(argv: list[str]) -> None:
     if run.text and run.text["truncated"]:
         print(f"warning: the prompt was truncated to {run.text['max_length']} tokens (the encoder's maximum)")
     print(f"wrote {out / 'results.json'}, {out / 'latents.npz'}, {', '.join(map(str, media))}")
+    if (out / "resume").exists():  # the run is complete: its resume point has served
+        shutil.rmtree(out / "resume")
 
 
 if __name__ == "__main__":

@@ -45,9 +45,11 @@ class Run:
         """Stage-function compilations this run's sampler made so far."""
         return int(self.sampler.traces)
 
-    def sample(self, progress: bool = True, seed: int | None = None, decode: bool = True) -> tuple[Any, Any]:
+    def sample(self, progress: bool = True, seed: int | None = None, decode: bool = True, **resumable: Any
+               ) -> tuple[Any, Any]:
         """(result, uint8 frames [T, H, W, 3] or None): one video, decoded chunk by chunk as chunks finish when
-        the checkpoint has a VAE (``decoder.seconds`` is the decode time, excluded from the denoise time)."""
+        the checkpoint has a VAE (``decoder.seconds`` is the decode time, excluded from the denoise time).
+        ``resumable``: the sampler's ``resume`` / ``on_checkpoint`` / ``checkpoint_every`` (flowcache_jax.resume)."""
         import jax
 
         cond = self.conditions(self.cfg.seed if seed is None else seed)  # (a seed's own prefix, where it has one)
@@ -55,7 +57,8 @@ class Run:
         dec = self.decoder if decode else None
         if dec is not None:
             dec.reset()
-        res = self.sampler.run(self.params, cond, self.table, key, progress=progress, on_chunk=dec, policy=self.policy)
+        res = self.sampler.run(self.params, cond, self.table, key, progress=progress, on_chunk=dec, policy=self.policy,
+                               **resumable)
         return res, (None if dec is None else dec.frames())
 
     def conditions(self, seed: int):

@@ -242,3 +242,41 @@ def run_flops(run: Run, res) -> dict:
     cached = per_step * (res.computed + passes)
     return {"vanilla_pflops": vanilla / 1e15, "cached_pflops_estimate": cached / 1e15, "computed_fraction": share,
             "note": "the estimate counts the forwards run at the run's mean forward cost"}
+
+
+# The random Self-Forcing-architecture model: Wan's structure at a width that runs on a CPU.
+SMALL_MODEL = dict(model_type="t2v", patch_size=[1, 2, 2], text_len=16, in_dim=16, dim=128, ffn_dim=512, freq_dim=64,
+                   text_dim=32, out_dim=16, num_heads=4, num_layers=4, qk_norm=True, cross_attn_norm=True, eps=1e-6)
+SMALL_VIDEO = dict(height=128, width=256)  # latent 16 x 32 -> 128 tokens per frame (a multiple of the 16-token group)
+
+
+def random_checkpoint(folder: Path, seed: int = 1234, model: dict | None = None) -> Path:
+    """A converted-checkpoint folder of ``model`` (default ``SMALL_MODEL``) initialised as the upstream fixtures
+    are: N(0, 1/fan_in) weights, 1 + 0.1 N norm scales, 0.05 N biases, 0.1 N modulation tables."""
+    import math
+
+    from flowcache_jax import checkpoint
+    from models.self_forcing import config_from_upstream
+    from models.skyreels_v2 import param_shapes
+
+    model = SMALL_MODEL if model is None else model
+    cfg = config_from_upstream(model)
+    shapes = param_shapes(cfg)
+    rng = np.random.default_rng(seed)
+
+    def init(path, shape):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if name.endswith("modulation"):
+            return 0.1 * rng.standard_normal(shape)
+        if name.endswith("scale"):
+            return 1.0 + 0.1 * rng.standard_normal(shape)
+        if name.endswith("bias"):
+            return 0.05 * rng.standard_normal(shape)
+        fan_in = shape[-2] if len(shape) >= 2 else shape[-1]
+        return rng.standard_normal(shape) / math.sqrt(fan_in)
+
+    params = jax.tree_util.tree_map_with_path(lambda p, s: np.asarray(init(p, s), np.float32), shapes,
+                                              is_leaf=lambda x: isinstance(x, tuple))
+    checkpoint.write(folder, params, {"model": "self_forcing", "role": "dit", "model_config": model,
+                                      "source": {"init": f"upstream-style random, seed {seed}"}})
+    return folder

@@ -88,6 +88,18 @@ class RunResult:
         return self.chunk_forwards_vanilla - self.structure_skipped - self.computed
 
 
+@dataclasses.dataclass
+class ResumePoint:
+    """Where a run stands after a stage: everything the rest of the run reads, so another process continues it
+    bit-identically (``flowcache_jax.resume`` writes and reads it)."""
+
+    stage: int  # stages done
+    state: SamplerState  # the device state after them (latents, caches, accumulators, K/V, solver, counters)
+    video: np.ndarray  # the host's video so far (finished chunks final, entered ones their entering noise)
+    recs: list  # the per-stage records so far (numpy)
+    t_denoise: float  # denoise seconds spent so far
+
+
 def _take(a: jax.Array, i: jax.Array) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
 
@@ -564,13 +576,17 @@ class Sampler:
     def run(self, params: Any, cond: Any, table: ScheduleTable, key: jax.Array, progress: bool = True,
             initial_noise: np.ndarray | None = None, record_stages: bool = False,
             on_stage: Any = None, on_chunk: Any = None, policy: Policy | None = None,
-            plan_state: Any = None, solver_noise: np.ndarray | None = None) -> RunResult:
+            plan_state: Any = None, solver_noise: np.ndarray | None = None, resume: ResumePoint | None = None,
+            on_checkpoint: Any = None, checkpoint_every: int = 0) -> RunResult:
         """Generate a video. ``initial_noise`` [B, n_chunks, *chunk_shape] replaces the seeded noise;
         ``on_stage(stage, state)`` is called after every stage (inspection, memory sampling);
         ``on_chunk(chunk, latent [B, *chunk_shape])`` as soon as a chunk is final (e.g. to decode it with a VAE
         while the later chunks are still being denoised). ``policy`` (same rule, other knobs, e.g. another threshold)
         runs on the same compiled function; ``plan_state`` carries a host policy's state from a previous window;
-        ``solver_noise`` [B, n_chunks, draws, *chunk_shape] replaces a re-noising solver's seeded draws."""
+        ``solver_noise`` [B, n_chunks, draws, *chunk_shape] replaces a re-noising solver's seeded draws.
+        ``on_checkpoint(ResumePoint)`` is called after every ``checkpoint_every``-th stage (not after the last);
+        ``resume`` continues such a point: the same call with it produces the same result as the run it came from
+        (the finished chunks are handed to ``on_chunk`` again first, so a streaming decoder rebuilds its state)."""
         knobs = self.knobs_of(policy)
         limit = getattr(self.denoiser, "n_chunks", None)
         if limit is not None and table.n_chunks > limit:
@@ -580,7 +596,16 @@ class Sampler:
         if self.layout is not None:  # everything on the mesh, as the stage was compiled for it
             ins = self._placement(params, cond, state)
             params, cond, state = self._place((params, cond, state), ins[:3])
-        if getattr(self.denoiser, "prefix_chunks", 0):  # the clean prefix of a video continuation
+        if resume is not None:  # the saved state replaces the fresh one (its K/V already hold any prefix)
+            if record_stages or not 0 < resume.stage < table.num_stages:
+                raise ValueError(f"cannot resume at stage {resume.stage} of {table.num_stages}"
+                                 + (" with record_stages" if record_stages else ""))
+            if jax.tree.structure(resume.state) != jax.tree.structure(state):
+                raise ValueError("the resume point's state does not have this sampler's structure")
+            state = jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), resume.state, state)
+            if ins is not None:
+                state = sharding.put(state, ins[2])
+        elif getattr(self.denoiser, "prefix_chunks", 0):  # the clean prefix of a video continuation
             if self._prepare is None:
                 kw = {} if ins is None else dict(out_shardings=ins[2].kv)
                 self._prepare = jax.jit(self.denoiser.prepare_kv, **kw)
@@ -610,9 +635,17 @@ class Sampler:
             for st, noise in enumerate(starts):
                 for r in np.flatnonzero(table.enter[st] >= 0):
                     video[:, table.enter[st][r]] = noise[r]
+        first, t_before = 0, 0.0
+        if resume is not None:
+            first, t_before = resume.stage, resume.t_denoise
+            video, recs = np.array(resume.video, np.float32), list(resume.recs)
+            if on_chunk is not None:  # the chunks finished before the resume point, in order
+                for st in range(first):
+                    for r in np.flatnonzero(table.finish[st] >= 0):
+                        on_chunk(int(table.finish[st][r]), video[:, table.finish[st][r]].copy())
         t0, t_callbacks = time.perf_counter(), 0.0
-        for s in tqdm(range(table.num_stages), desc=f"{self.policy.name} stages", disable=not progress,
-                      leave=False):
+        for s in tqdm(range(first, table.num_stages), desc=f"{self.policy.name} stages", disable=not progress,
+                      leave=False, initial=first, total=table.num_stages):
             noise = noises[s]
             for r in np.flatnonzero(table.enter[s] >= 0):  # not-yet-finished chunks show their current latent
                 video[:, table.enter[s][r]] = starts[s][r]
@@ -638,8 +671,15 @@ class Sampler:
                 stage_latents.append(video.copy())
                 if hasattr(self.denoiser, "report"):
                     reports.append(jax.tree.map(np.asarray, self.denoiser.report(state.kv)))
+            if on_checkpoint is not None and checkpoint_every > 0 and (s + 1) % checkpoint_every == 0 and \
+                    s + 1 < table.num_stages:
+                t_cb = time.perf_counter()
+                recs = [jax.tree.map(np.asarray, r) for r in recs]
+                on_checkpoint(ResumePoint(s + 1, state, video.copy(), list(recs),  # (the loop appends to recs)
+                                          t_before + t_cb - t0 - t_callbacks))
+                t_callbacks += time.perf_counter() - t_cb
         computed, probing = int(state.computed), self.features == "first_block"
-        t_denoise = time.perf_counter() - t0 - t_callbacks  # decoding in on_chunk is the caller's to time
+        t_denoise = t_before + time.perf_counter() - t0 - t_callbacks  # decoding in on_chunk is the caller's
         valid = table.step_valid.reshape(-1)
         rec = {k: np.concatenate([np.asarray(r[k]) for r in recs])[valid] for k in recs[0]}
         for k in ("decisions", "chunk"):  # one row per model call

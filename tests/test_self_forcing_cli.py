@@ -78,7 +78,7 @@ def test_self_forcing_prompt_to_mp4(tmp_path):
     release command) beside a causal Wan whose caption width is the encoder's: prompt -> blocks -> decoded MP4."""
     import shutil
 
-    from experiments.kv_quant import SMALL_MODEL, random_checkpoint
+    from experiments.self_forcing_run import SMALL_MODEL, random_checkpoint
     from tests.test_prompt_to_mp4 import UMT5, WVAE, mp4_frames, release
 
     dst = tmp_path / "release"
