@@ -264,6 +264,7 @@ class SelfForcingDenoiser:
         return flow, h_in, h_out, kv
 
     def _held_after(self, frame: jax.Array, start: jax.Array, frames: int) -> jax.Array:
+        """The history slots' frames once the block's ``frames`` frames from ``start`` are written."""
         for i in range(frames):
             slot, kept = self.slot_of(start + i, start + frames)
             frame = jnp.where(kept, frame.at[slot].set(start + i), frame)
@@ -328,18 +329,16 @@ class SelfForcingDenoiser:
         if self.history_frames == 0:
             return kv
         fsl, hist = self.frame_tokens, self.history_frames * self.frame_tokens
-        k, v, frame = kv["k"], kv["v"], kv["frame"]
+        k, v = kv["k"], kv["v"]
         for i in range(frames):
-            f = start + i
-            slot, kept = self.slot_of(f, start + frames)
+            slot, kept = self.slot_of(start + i, start + frames)
 
             def put(a, i=i, slot=slot):
                 rows = jax.lax.dynamic_slice_in_dim(a, hist + i * fsl, fsl, axis=2)
                 return jax.lax.dynamic_update_slice_in_dim(a, rows, slot * fsl, axis=2)
 
             k, v = jax.lax.cond(kept, lambda kv_, put=put: tuple(put(a) for a in kv_), lambda kv_: kv_, (k, v))
-            frame = jnp.where(kept, frame.at[slot].set(f), frame)
-        return {**kv, "k": k, "v": v, "frame": frame}
+        return {**kv, "k": k, "v": v, "frame": self._held_after(kv["frame"], start, frames)}
 
     def _t(self, cond: dict, info: SlotInfo) -> jax.Array:
         steps = cond["timesteps"]

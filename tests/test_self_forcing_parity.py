@@ -111,3 +111,16 @@ def test_self_forcing_rolling_sink_buffer():
                     up = int(np.flatnonzero(table[b] == f)[0])
                     np.testing.assert_allclose(np.asarray(kv["k"][0][:, slot * fsl:(slot + 1) * fsl]),
                                                ref[:, up * fsl:(up + 1) * fsl], **FWD)
+
+
+def test_self_forcing_fused_attention_buffer_path():
+    """With a fused attention the block's rows sit at the buffer's tail (one masked call, then ``_commit``): the
+    same generation as upstream's, at the end-to-end tolerance."""
+    import dataclasses
+
+    z = sf.npz("e2e.npz")
+    den = sf.denoiser()
+    den = dataclasses.replace(den, cfg=dataclasses.replace(den.cfg, attention_impl="xla"))
+    assert not den.streamed
+    res, _ = sf.run(den, z)
+    np.testing.assert_allclose(sf.frames(res.video), z["final_latents"], **E2E)

@@ -139,27 +139,37 @@ def _slot_summary(store: qs.QuantStore, slot: jax.Array) -> jax.Array:
     return jnp.where(store.tier_on[slot, 0], full, mean)
 
 
-def study_replan(method: QuantMethod, store: qs.QuantStore, state: dict) -> tuple[qs.QuantStore, dict]:
-    """After a block's frames were written: the study's plan over the held frames (oldest first), re-made iff
-    their count changed, and every frame it summarises folded into its mean token."""
-    slots = store.frame.shape[0]
-    held = store.frame >= 0
-    order = jnp.argsort(jnp.where(held, store.frame, jnp.iinfo(jnp.int32).max), stable=True)  # oldest first
+def _plan_by_age(method: QuantMethod, frames: jax.Array, summaries, state: dict
+                 ) -> tuple[jax.Array, jax.Array, dict]:
+    """The study's plan over the held frames (``frames`` [S], -1 empty), oldest first, re-made iff their count
+    changed: (slot order by age, which of them it summarises (by age), the planner's new state). ``summaries(order)``
+    gives their chunk summaries [S, H] in that order (a store's or a dense buffer's)."""
+    slots = frames.shape[0]
+    held = frames >= 0
+    order = jnp.argsort(jnp.where(held, frames, jnp.iinfo(jnp.int32).max), stable=True)  # oldest first
     n = jnp.sum(held.astype(jnp.int32))
-    summary = jax.lax.map(lambda s: _slot_summary(store, s), order)  # [S, H] by age
+    summary = summaries(order)
     counts = jnp.asarray(study.count_table(method.study, 1.0, slots))
     refresh = study.needs_refresh(n, state["n"])
     tiers = jax.lax.cond(refresh, lambda: study.plan_with_counts(summary, n, state["summary"], state["n"], counts,
                                                                  method.study)[0], lambda: state["tiers"])
-    fold = (tiers == study.SUMMARISED) & (jnp.arange(slots) < n)
+    by_age = (tiers == study.SUMMARISED) & (jnp.arange(slots) < n)
+    new = {"summary": jnp.where(refresh, summary, state["summary"]), "n": jnp.where(refresh, n, state["n"]),
+           "tiers": tiers}
+    return order, by_age, new
+
+
+def study_replan(method: QuantMethod, store: qs.QuantStore, state: dict) -> tuple[qs.QuantStore, dict]:
+    """After a block's frames were written: the study's plan over the held frames (oldest first), re-made iff
+    their count changed, and every frame it summarises folded into its mean token."""
+    order, fold, new = _plan_by_age(method, store.frame,
+                                    lambda order: jax.lax.map(lambda s: _slot_summary(store, s), order), state)
 
     def one(store, i):
         return jax.lax.cond(fold[i] & store.tier_on[order[i], 0], lambda s: qs.fold_tier(s, order[i], 0),
                             lambda s: s, store), None
 
-    store, _ = jax.lax.scan(one, store, jnp.arange(slots))
-    new = {"summary": jnp.where(refresh, summary, state["summary"]), "n": jnp.where(refresh, n, state["n"]),
-           "tiers": tiers}
+    store, _ = jax.lax.scan(one, store, jnp.arange(store.frame.shape[0]))
     return store, new
 
 
@@ -229,20 +239,10 @@ def dense_study_replan(method: QuantMethod, k: jax.Array, v: jax.Array, frames: 
     which are already summarised. The plan over the finished frames (oldest first, layer 0's summaries), re-made
     iff their count changed, and every frame it summarises and not yet folded folded, once -> (k, v, folded,
     state)."""
-    fsl, slots = method.store.frame_tokens, frames.shape[0]
-    held = frames >= 0
-    order = jnp.argsort(jnp.where(held, frames, jnp.iinfo(jnp.int32).max), stable=True)  # oldest first
-    n = jnp.sum(held.astype(jnp.int32))
-    summary = frame_summaries(k[0], v[0], fsl)[order]  # [S, H] by age
-    counts = jnp.asarray(study.count_table(method.study, 1.0, slots))
-    refresh = study.needs_refresh(n, state["n"])
-    tiers = jax.lax.cond(refresh, lambda: study.plan_with_counts(summary, n, state["summary"], state["n"], counts,
-                                                                 method.study)[0], lambda: state["tiers"])
-    by_age = (tiers == study.SUMMARISED) & (jnp.arange(slots) < n)
-    fold = jnp.zeros((slots,), bool).at[order].set(by_age) & held & ~folded
+    fsl = method.store.frame_tokens
+    order, by_age, new = _plan_by_age(method, frames, lambda order: frame_summaries(k[0], v[0], fsl)[order], state)
+    fold = jnp.zeros(frames.shape, bool).at[order].set(by_age) & (frames >= 0) & ~folded
     k, v = jax.lax.cond(jnp.any(fold), lambda kv: fold_frames(*kv, fold, fsl), lambda kv: kv, (k, v))
-    new = {"summary": jnp.where(refresh, summary, state["summary"]), "n": jnp.where(refresh, n, state["n"]),
-           "tiers": tiers}
     return k, v, folded | fold, new
 
 
