@@ -31,8 +31,27 @@ def config_names() -> list[str]:
     return sorted(n for n in names if not n.startswith("_") and not n.endswith("_base"))
 
 
+def expand_flagfiles(argv: list[str]) -> list[str]:
+    """Inline ``--flagfile=F`` (one flag per line, ``#`` comments), as absl would, but before the config name is
+    resolved and the overrides are checked: a file written by ``calibrate.py`` may hold ``--config=NAME`` and any
+    ``--config.*`` override, and a bad one in it gets the same one-line error as on the command line."""
+    out = []
+    for a in argv:
+        if not a.startswith("--flagfile="):
+            out.append(a)
+            continue
+        path = Path(a.split("=", 1)[1])
+        if not path.is_file():
+            fail(f"--flagfile {path} does not exist (write it with experiments/calibrate.py --output_flags=...)")
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        out += expand_flagfiles([ln for ln in lines if ln and not ln.startswith("#")])
+    return out
+
+
 def resolve_config_argv(argv: list[str], default: str = DEFAULT_CONFIG) -> list[str]:
-    """Turn ``--config=NAME`` (or no --config) into the preset's file path for ml_collections."""
+    """Turn ``--config=NAME`` (or no --config) into the preset's file path for ml_collections; ``--flagfile=F``
+    is inlined first."""
+    argv = expand_flagfiles(argv)
     out, seen = [], False
     for i, a in enumerate(argv):
         if a.startswith("--config="):

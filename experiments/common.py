@@ -8,7 +8,15 @@
 
 from __future__ import annotations
 
-from experiments.cli import CONFIG_DIR, DEFAULT_CONFIG, config_names, fail, resolve_config_argv, run_app
+from experiments.cli import (
+    CONFIG_DIR,
+    DEFAULT_CONFIG,
+    config_names,
+    expand_flagfiles,
+    fail,
+    resolve_config_argv,
+    run_app,
+)
 from experiments.errors import ConfigError
 from experiments.outputs import format_table, output_fps, strip_frames, write_video_outputs
 from experiments.registry import build, calibrate, magcache_ratios, run_flops
@@ -17,6 +25,7 @@ from experiments.scoring import compare, pipeline_times, to_unit
 from experiments.validation import validate, validate_policy
 
 __all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "ConfigError", "Run", "build", "calibrate", "compare", "config_names",
-           "fail", "format_table", "magcache_ratios", "output_fps", "pipeline_times", "resolve_config_argv",
+           "expand_flagfiles", "fail", "format_table", "magcache_ratios", "output_fps", "pipeline_times",
+           "resolve_config_argv",
            "run_flops", "run_app", "strip_frames", "to_unit", "validate", "validate_policy", "with_policy",
            "write_video_outputs"]

@@ -215,14 +215,26 @@ def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int, clip: np.ndarra
     return lat.reshape(c, p, v.chunk_width, h, w).transpose(1, 0, 2, 3, 4).astype(np.float32)
 
 
+def time_grid(s: ml_collections.ConfigDict) -> np.ndarray:
+    """MAGI-1's grid (power 2, shift 3; the distilled shortcut grid at 12 steps), or ``sampler.time_power`` /
+    ``time_shift``'s: a model trained here may want its steps elsewhere (the tiny one: dense near the data)."""
+    from flowcache_jax.schedules import flow_time_grid, magi_time_grid
+
+    power, shift = float(s.get("time_power", 2.0)), float(s.get("time_shift", 3.0))
+    if power <= 0 or shift <= 0:
+        raise ConfigError(f"sampler.time_power and sampler.time_shift must be > 0, got {power} and {shift}")
+    if (power, shift) == (2.0, 3.0):
+        return magi_time_grid(s.num_steps, s.shortcut_mode)
+    return flow_time_grid(s.num_steps, power, shift)
+
+
 def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
     """The Magi1Denoiser of a config (shared by run, benchmark and flops)."""
     from flowcache_jax.kv.compress import CompressConfig
-    from flowcache_jax.schedules import magi_time_grid
     from models.magi1_denoiser import Magi1Denoiser, distill_interval_table, nearly_clean_step
 
     s, v = cfg.sampler, cfg.video
-    grid = magi_time_grid(s.num_steps, s.shortcut_mode)
+    grid = time_grid(s)
     discard = s.semantics != "magi" if s.discard_duplicate is None else bool(s.discard_duplicate)
     den = Magi1Denoiser(
         cfg=mcfg, chunk_frames=v.chunk_width, latent_h=v.latent_height, latent_w=v.latent_width,

@@ -1,5 +1,10 @@
-"""Procedural videos for the tiny model: textured shapes that move, bounce and occlude each other over a
-panning, textured background under changing light. Deterministic from a PRNG key; no dataset download.
+"""Procedural videos for the tiny model: shapes that move, bounce and occlude each other over a slowly panning
+background. Deterministic from a PRNG key; no dataset download.
+
+The default world is predictable from its first two frames (constant velocities, elastic bounces, no lighting
+change, flat-coloured shapes with soft edges), so a continuation can be scored against the true one: what a
+model gets wrong is then the model's error, not the world's randomness. The knobs make it harder again
+(textured shapes, flicker, more and faster shapes, sharper edges).
 
 Frames are RGB in [-1, 1] and are used directly as the model's latents ([C, T, H, W] for MAGI-1). The
 generator is pure JAX (jit + vmap), so a training step renders its own batch in a few milliseconds.
@@ -18,10 +23,15 @@ class VideoSpec:
     frames: int = 16
     height: int = 32
     width: int = 32
-    n_shapes: int = 3
-    max_speed: float = 0.05  # shape speed, fraction of the frame per frame
-    max_pan: float = 0.03  # background pan, fraction of the frame per frame
-    max_flicker: float = 0.25  # amplitude of the global lighting change
+    n_shapes: int = 2
+    max_speed: float = 0.03  # shape speed, fraction of the frame per frame
+    max_pan: float = 0.005  # background pan, fraction of the frame per frame
+    max_flicker: float = 0.0  # amplitude of the global lighting change (unpredictable from two frames)
+    radius: tuple[float, float] = (0.16, 0.25)  # shape radius range, fraction of the frame
+    shape_texture: float = 0.0  # 0: flat-coloured shapes; 1: full-contrast stripes inside them
+    grating: float = 0.1  # contrast of the background's stripes
+    edge: float = 1.0  # edge sharpness: the alpha ramp spans about 1 / edge pixels
+    p_visible: float = 1.0  # chance that a shape is drawn at all
 
 
 def _bounce(p: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -50,23 +60,23 @@ def render(key: jax.Array, spec: VideoSpec) -> jax.Array:
     c0, c1 = u((3,), -0.9, 0.2), u((3,), -0.6, 0.5)
     grad = jnp.clip(0.5 + 0.5 * (bx - 0.5) * jnp.cos(u((), 0, 6.3)), 0, 1)[..., None]
     grating = _stripes(bx, by, u((), 6.0, 18.0), u((), 0.0, 3.14), u((), 0.0, 6.3))[..., None]
-    img = (c0 * (1 - grad) + c1 * grad) * (0.75 + 0.25 * grating)
+    img = (c0 * (1 - grad) + c1 * grad) * (1.0 - spec.grating + spec.grating * grating)
 
     # Shapes, drawn back to front: circle (p=2), square (p=inf) or diamond (p=1) by a soft p-norm distance.
     n = spec.n_shapes
-    r = u((n,), 0.10, 0.22)
+    r = u((n,), spec.radius[0], spec.radius[1])
     p0, vel = u((n, 2)), u((n, 2), -spec.max_speed, spec.max_speed)
     kind = jax.random.randint(next(ks), (n,), 0, 3)
     col_a, col_b = u((n, 3), -0.2, 1.0), u((n, 3), -1.0, 0.6)
     tex = u((n, 3), jnp.array([4.0, 0.0, 0.0]), jnp.array([14.0, 3.14, 6.3]))
-    visible = u((n,)) < 0.9
+    visible = u((n,)) < spec.p_visible
     for i in range(n):
         cx = _bounce(p0[i, 0] + vel[i, 0] * t, r[i], 1 - r[i])
         cy = _bounce(p0[i, 1] + vel[i, 1] * t, r[i], 1 - r[i])
         dx, dy = jnp.abs(x - cx), jnp.abs(y - cy)
         d = jnp.select([kind[i] == 0, kind[i] == 1], [jnp.sqrt(dx**2 + dy**2), jnp.maximum(dx, dy)], dx + dy)
-        alpha = jax.nn.sigmoid((r[i] - d) * spec.height * 2.0) * visible[i]
-        s = _stripes(x - cx, y - cy, tex[i, 0], tex[i, 1], tex[i, 2])[..., None]
+        alpha = jax.nn.sigmoid((r[i] - d) * spec.height * spec.edge) * visible[i]
+        s = 1.0 - spec.shape_texture * (1.0 - _stripes(x - cx, y - cy, tex[i, 0], tex[i, 1], tex[i, 2])[..., None])
         img = img * (1 - alpha[..., None]) + (col_a[i] * s + col_b[i] * (1 - s)) * alpha[..., None]
 
     # Lighting: a slow global brightness oscillation.

@@ -61,7 +61,7 @@ def load_config(name: str, overrides: list[str]) -> ml_collections.ConfigDict:
     return cfg
 
 
-KNOBS = ("threshold", "warmup", "coeffs", "ratios", "max_skips")  # runtime: shared by the runs of one rule
+KNOBS = ("threshold", "warmup", "coeffs", "ratios", "max_skips", "min_charge")  # runtime: one rule shares them
 
 
 class RunPool:

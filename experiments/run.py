@@ -21,6 +21,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from experiments import common  # noqa: E402
 
+sys.argv = common.expand_flagfiles(sys.argv)  # before config_flags reads them (one-line errors)
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset name (e.g. synthetic_fast) or .py file.")
 _OUT = flags.DEFINE_string("output_dir", None, "Output folder (default outputs/<config name>).")
 _COMPARE = flags.DEFINE_bool("compare_to_vanilla", True, "Also run the uncached config for PSNR/SSIM.")

@@ -6,7 +6,8 @@ window's last latents (diffusers' rule: no decode and re-encode). Every policy r
 (``flowcache_jax.sampler`` through ``flowcache_jax.windows``): its positions are a window's causal blocks, its
 solver SkyReels' FlowUniPC, CFG its two branches. ``sampler.executor`` picks how a call runs: ``groups`` (a
 forward per block over a K/V buffer, FlowCache's executor: finished and not-yet-started blocks are skipped by
-structure) or ``window`` (upstream's whole-window call, block-causal or full attention).
+structure) or ``window`` (upstream's whole-window call, block-causal or full attention). ``batch`` videos run at
+once (each its own noise, addnoise eps and prefixes; the timestep decisions are the same for all of them).
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def validate_skyreels(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("MagCache's calibration needs a chunk schedule, not DF windows: pick another policy")
     if cfg.get("prompt") is not None and cfg.caption_file:
         raise ConfigError("set config.prompt or config.caption_file, not both")
-    if cfg.batch != 1:
-        raise ConfigError("SkyReels-V2 runs one video at a time: set batch=1")
+    if cfg.batch < 1:
+        raise ConfigError(f"batch must be >= 1 (videos generated at once), got {cfg.batch}")
     if s.attention not in ("block_causal", "full"):
         raise ConfigError(f"sampler.attention must be block_causal or full, got {s.attention!r}")
     if executor_of(cfg) not in ("groups", "window"):
@@ -161,7 +162,8 @@ def build_skyreels(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) 
         policy = dataclasses.replace(policy, ar_step=int(s.ar_step))
     h, w = v.height // 8, v.width // 8
     if layout is not None:
-        mesh_check(cfg.mesh, SkyReelsDenoiser(mcfg, 1, s.causal_block_size, h, w, executor, s.attention))
+        mesh_check(cfg.mesh, SkyReelsDenoiser(mcfg, 1, s.causal_block_size, h, w, executor, s.attention),
+                   int(cfg.batch))
         params = shard_params(params, layout, "skyreels_v2")
 
     def denoiser(groups: int) -> SkyReelsDenoiser:
@@ -170,7 +172,8 @@ def build_skyreels(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) 
     def make(groups: int) -> Sampler:
         solver = FlowUniPC(sigmas, reference_aliasing=bool(s.get("reference_aliasing", True)))
         timestep = cfg.policy.get("metric", "input") == "timestep"  # no input features to compute then
-        return Sampler(denoiser(groups), policy, groups, 1, reuse="residual", metric_dtype=cfg.policy.metric_dtype,
+        return Sampler(denoiser(groups), policy, groups, int(cfg.batch), reuse="residual",
+                       metric_dtype=cfg.policy.metric_dtype,
                        solver=solver, joint=executor == "window", features="none" if timestep else None,
                        identity_ring=True, layout=layout)
 
@@ -193,18 +196,21 @@ def build_skyreels(cfg: ml_collections.ConfigDict, n_chunks: int | None = None) 
                text=text, notes=notes)
 
 
-def mesh_check(mesh: ml_collections.ConfigDict, den) -> None:
-    """A mesh that fits the run: data splits the two CFG branches, seq the tokens of a causal block."""
-    if den.branches % mesh.data:
-        raise ConfigError(f"config.mesh.data={mesh.data} must divide SkyReels-V2's {den.branches} CFG branches")
+def mesh_check(mesh: ml_collections.ConfigDict, den, batch: int = 1) -> None:
+    """A mesh that fits the run: data splits the two CFG branches (where it divides them; else the videos of a
+    batch, K/V buffers and residuals along), seq the tokens of a causal block."""
+    if den.branches % mesh.data and batch % mesh.data:
+        raise ConfigError(f"config.mesh.data={mesh.data} must divide SkyReels-V2's {den.branches} CFG branches "
+                          f"or config.batch={batch}")
     if den.tokens_per_group % mesh.seq:
         raise ConfigError(f"config.mesh.seq={mesh.seq} must divide the {den.tokens_per_group} tokens of a causal "
                           "block")
 
 
 def run_flops(run: Run, res) -> dict:
-    """Analytic FLOPs of the uncached run (spec §6) and the cached run's estimate (block forwards run), with the
-    forwards the executor's structure skips and those the policy's reuse skips counted apart."""
+    """Analytic FLOPs of the uncached run (spec §6, times the batch's videos) and the cached run's estimate (block
+    forwards run), with the forwards the executor's structure skips and those the policy's reuse skips counted
+    apart."""
     from models.skyreels_flops import forward_flops
 
     s, v, mcfg = run.cfg.sampler, run.cfg.video, run.denoiser.cfg
@@ -215,7 +221,7 @@ def run_flops(run: Run, res) -> dict:
         iters = s.num_steps + max(frames // s.causal_block_size - prefix // s.causal_block_size - 1, 0) * s.ar_step
         per = forward_flops(mcfg.dim, mcfg.ffn_dim, mcfg.num_layers, text, tokens, frames, s.causal_block_size,
                             s.attention)
-        total += 2 * iters * per["total"]
+        total += 2 * iters * per["total"] * int(run.cfg.batch)
     return {"vanilla_pflops": total / 1e15, "cached_pflops_estimate": total * res.computed_fraction / 1e15,
             "forwards": forward_split(res),
             "note": "the estimate scales the uncached FLOPs by the fraction of block forwards run"}

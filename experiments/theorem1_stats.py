@@ -1,7 +1,8 @@
-"""Theorem 1 study, the numbers: the sweep of exact synthetic flows, the monotonicity tests, the threshold study.
+"""Theorem 1 study, the numbers: the sweep of exact synthetic flows and the monotonicity tests.
 
 What ``experiments/theorem1.py`` (the CLI) runs and ``experiments/theorem1_figures`` plots; nothing here draws or
-parses flags. JAX is imported inside the functions, so the CLI can set XLA_FLAGS before the backend starts.
+parses flags; the threshold study is ``experiments/theorem1_thresholds``. JAX is imported inside the functions,
+so the CLI can set XLA_FLAGS before the backend starts.
 """
 
 from __future__ import annotations
@@ -20,10 +21,6 @@ SWEEP: dict[str, list[float]] = dict(power=[1.0, 2.0, 3.0], shift=[1.0, 3.0, 8.0
                                      channels=[1, 4, 16, 64], mixture=[1, 3, 10], steps_per_chunk=[16, 32, 64])
 QUICK_SWEEP: dict[str, list[float]] = dict(power=[1.0, 3.0], shift=[1.0, 8.0], data_scale=[1.0, 4.0],
                                            channels=[4, 16], mixture=[3, 10], steps_per_chunk=[16, 32])
-THRESHOLDS = [0.0, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12]
-QUICK_THRESHOLDS = [0.0, 0.03, 0.12]
-AR = dict(window=4, n_chunks=4)  # the AR window config of the threshold study (steps_per_chunk from BASE)
-
 
 
 # ----- monotonicity analysis ------------------------------------------------------------------------
@@ -184,52 +181,16 @@ def sweep(runner: Runner, values: dict[str, list[float]], batch: int, cond_batch
     return out
 
 
-# ----- FlowCache along an AR trajectory ----------------------------------------------------------------
-def rel_l2(x: np.ndarray, ref: np.ndarray) -> float:
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
-def metric_trajectory(res: Any) -> dict[str, dict[str, list]]:
-    """FlowCache's raw metric per chunk against the global step (nan-free)."""
-    out = {}
-    for c in sorted(set(res.chunk[res.chunk >= 0].tolist())):
-        g, w = np.nonzero((res.chunk == c) & np.isfinite(res.rel))
-        out[str(c)] = {"global_step": g.tolist(), "rel": res.rel[g, w].tolist()}
-    return out
-
-
-def error_vs_threshold(runner: Runner, thresholds: list[float], batch: int) -> tuple[list[dict], dict]:
-    """Computed fraction and error vs the exact run, for FlowCache and TeaCache, same noise."""
-    from flowcache_jax import metrics
-
-    ref_run = runner.build(regime_config(BASE, batch=batch, **AR))
-    ref = ref_run.sampler.run(ref_run.params, ref_run.cond, ref_run.table, ref_run.key, progress=False)
-    rows = []
-    for policy in ("flowcache", "teacache"):
-        for th in thresholds:
-            run = runner.build(regime_config(BASE, policy, th, batch=batch, **AR))
-            res = run.sampler.run(run.params, run.cond, run.table, run.key, progress=False)
-            rows.append({"policy": policy, "threshold": th, "computed_fraction": res.computed_fraction,
-                         "speedup_ideal": 1.0 / max(res.computed_fraction, 1e-12),
-                         "rel_l2": rel_l2(res.video, ref.video), "psnr": metrics.psnr(res.video, ref.video)})
-    return rows, metric_trajectory(ref)
-
-
 # ----- summary ----------------------------------------------------------------------------------------
-def _is_monotone(xs: list[float], increasing: bool) -> bool:
-    d = np.diff(np.asarray(xs, np.float64))
-    return bool((d >= 0).all() if increasing else (d <= 0).all())
-
-
 def _counts(verdicts: list[str]) -> str:
     if not verdicts:
         return "no regimes"
     return ", ".join(f"{v} {verdicts.count(v)}/{len(verdicts)}" for v in ("holds", "mostly", "breaks"))
 
 
-def summarize(regimes: list[dict[str, Any]], errors: list[dict[str, Any]]) -> dict[str, Any]:
-    """Short conclusions derived from the numbers (nothing here is a pre-written result)."""
+def summarize(regimes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Short conclusions of the sweep derived from the numbers (nothing here is a pre-written result); the threshold
+    study's are ``theorem1_thresholds.summarize``."""
     unique = {json.dumps(r["settings"], sort_keys=True): r for r in regimes}.values()
     n = len(unique)
     out: dict[str, Any] = {"regimes": n}
@@ -264,12 +225,4 @@ def summarize(regimes: list[dict[str, Any]], errors: list[dict[str, Any]]) -> di
                        f"{sum(r['quantities']['l1_rel']['verdict'] == 'holds' for r in dt_up)}/{len(dt_up)} but its "
                        f"rate form only in {sum(r['quantities']['l1_rate']['verdict'] == 'holds' for r in dt_up)}"
                        f"/{len(dt_up)}")
-    for policy in sorted({e["policy"] for e in errors}):
-        rows = sorted((e for e in errors if e["policy"] == policy), key=lambda e: e["threshold"])
-        top = rows[-1]
-        out[f"{policy}_thresholds"] = (
-            f"rel_l2 non-decreasing in threshold: {_is_monotone([e['rel_l2'] for e in rows], True)}; "
-            f"computed fraction non-increasing: {_is_monotone([e['computed_fraction'] for e in rows], False)}; "
-            f"at threshold {top['threshold']}: computed {top['computed_fraction']:.3f} "
-            f"(speedup {top['speedup_ideal']:.2f}x), rel_l2 {top['rel_l2']:.3g}, PSNR {top['psnr']:.1f} dB")
     return out

@@ -31,17 +31,19 @@ from experiments.procedural_videos import VideoSpec, batch, to_latent  # noqa: E
 from models.magi1 import Magi1Config, empty_buffer, forward_call, init_params  # noqa: E402
 
 _OUT = flags.DEFINE_string("output_dir", None, "Folder for train_state/, model/, loss.png (required).")
-_STEPS = flags.DEFINE_integer("steps", 2400, "Optimizer steps.")
+_STEPS = flags.DEFINE_integer("steps", 3000, "Optimizer steps.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Clips per step.")
-_CHUNKS = flags.DEFINE_integer("chunks", 4, "Chunks per training clip.")
+_CHUNKS = flags.DEFINE_integer("chunks", 5, "Chunks per training clip.")
 _LR = flags.DEFINE_float("lr", 2e-3, "Peak learning rate (warm-up then cosine decay).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial weights and of the data stream.")
-_MAX_MIN = flags.DEFINE_float("max_minutes", 45.0, "Stop (and export) after this much wall time.")
+_MAX_MIN = flags.DEFINE_float("max_minutes", 70.0, "Stop (and export) after this much wall time.")
 _SAVE_EVERY = flags.DEFINE_integer("save_every", 200, "Steps between resumable checkpoints.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 32, "Sampler steps the model is meant for (MAGI's step-size input).")
 _WINDOW = flags.DEFINE_integer("window", 4, "Inference window: spacing of the noise levels of adjacent chunks.")
 _CHUNK_FRAMES = flags.DEFINE_integer("chunk_frames", 2, "Frames per chunk.")
 _SIZE = flags.DEFINE_integer("size", 32, "Frame height and width.")
+_CTX_NOISE = flags.DEFINE_float("context_noise", 0.05, "Largest noise fraction mixed into clean context chunks.")
+_CTX_BLUR = flags.DEFINE_float("context_blur", 1.0, "Largest blend of clean context chunks towards a blurred copy.")
 
 FROZEN = ("t_freqs", "rope_bands")  # fixed tables stored with the params, never trained
 
@@ -54,6 +56,8 @@ class TrainSetup:
     chunk_frames: int
     num_steps: int
     window: int
+    context_noise: float = 0.0  # largest noise mixed into clean context chunks (they keep t = 1)
+    context_blur: float = 0.0  # largest blend towards a blurred copy of the clean context chunks
 
 
 def sample_times(key: jax.Array, chunks: int, window: int) -> jax.Array:
@@ -77,14 +81,33 @@ def sample_times(key: jax.Array, chunks: int, window: int) -> jax.Array:
     return jnp.where(jnp.arange(chunks) < n_clean, 1.0, t)
 
 
+def blur(x: jax.Array) -> jax.Array:
+    """[1, 2, 1] / 4 over the last two (spatial) axes, edges repeated: the softness of a generated frame."""
+    for ax in (-2, -1):
+        pad = [(0, 0)] * x.ndim
+        pad[ax] = (1, 1)
+        xp = jnp.pad(x, pad, mode="edge")
+        n = x.shape[ax]
+        x = (jax.lax.slice_in_dim(xp, 0, n, axis=ax) + 2 * jax.lax.slice_in_dim(xp, 1, n + 1, axis=ax)
+             + jax.lax.slice_in_dim(xp, 2, n + 2, axis=ax)) / 4
+    return x
+
+
 def loss_fn(params: dict, setup: TrainSetup, key: jax.Array) -> jax.Array:
     cfg, k_, f = setup.cfg, setup.chunks, setup.chunk_frames
-    kd, kt, kn = jax.random.split(key, 3)
+    kd, kt, kn, ka = jax.random.split(key, 4)
     x1 = to_latent(batch(kd, 1, setup.spec))[0]  # [C, T, H, W]
     t = sample_times(kt, k_, setup.window)
     x0 = jax.random.normal(kn, x1.shape)
-    tf = jnp.repeat(t, f)[None, :, None, None]
-    xt = tf * x1 + (1 - tf) * x0
+    # At inference the context is the model's own output, not a rendered clip: blurring the clean chunks a little
+    # and mixing in a little noise (they stay labelled t = 1, the targets stay sharp) teaches the model to restore
+    # its context's errors instead of copying them forward, chunk after chunk.
+    kb, ka = jax.random.split(ka)
+    clean = jnp.repeat(t >= 1.0, f)[None, :, None, None]
+    x1_ctx = jnp.where(clean, x1 + setup.context_blur * jax.random.uniform(kb) * (blur(x1) - x1), x1)
+    t_in = jnp.where(t >= 1.0, 1.0 - setup.context_noise * jax.random.uniform(ka), t)
+    tf = jnp.repeat(t_in, f)[None, :, None, None]
+    xt = tf * x1_ctx + (1 - tf) * x0
     hw = (x1.shape[2] // cfg.patch_size) * (x1.shape[3] // cfg.patch_size)
     ctn = f * hw // cfg.t_patch_size
     kv_range = jnp.stack([jnp.zeros(k_, jnp.int32), (jnp.arange(k_) + 1) * ctn], -1)  # block-causal
@@ -161,7 +184,8 @@ def main(argv: list[str]) -> None:
     out = Path(_OUT.value).resolve()
     spec = VideoSpec(frames=_CHUNKS.value * _CHUNK_FRAMES.value, height=_SIZE.value, width=_SIZE.value)
     cfg = Magi1Config.from_upstream(TINY_MODEL, "float32")
-    setup = TrainSetup(cfg, spec, _CHUNKS.value, _CHUNK_FRAMES.value, _NUM_STEPS.value, _WINDOW.value)
+    setup = TrainSetup(cfg, spec, _CHUNKS.value, _CHUNK_FRAMES.value, _NUM_STEPS.value, _WINDOW.value,
+                       _CTX_NOISE.value, _CTX_BLUR.value)
     opt = make_optimizer(_STEPS.value, _LR.value)
     state = init_state(setup, opt, _SEED.value)
     log_path = out / "train_log.json"
@@ -199,6 +223,8 @@ def main(argv: list[str]) -> None:
             "training": {"steps": done, "batch": _BATCH.value, "chunks": _CHUNKS.value,
                          "chunk_frames": _CHUNK_FRAMES.value, "size": _SIZE.value, "lr": _LR.value,
                          "seed": _SEED.value, "num_steps": _NUM_STEPS.value, "window": _WINDOW.value,
+                         "context_noise": _CTX_NOISE.value, "context_blur": _CTX_BLUR.value,
+                         "world": dataclasses.asdict(spec),
                          "final_loss_mean100": final, "weights": "ema(0.999, warm-up (1+n)/(10+n))",
                          "wall_minutes_this_run": (time.perf_counter() - t0) / 60}}
     checkpoint.save(out / "model", state["ema"], meta, overwrite=True)

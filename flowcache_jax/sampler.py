@@ -42,7 +42,7 @@ REUSE_MODES = ("displacement", "residual")
 METRIC_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _STEP_KEYS = ("chunk", "k", "t", "dt", "active", "refresh", "plan", "plan_reason", "step_valid", "global_first",
               "global_last")
-_REC_NAN = ("rel", "update_l1", "acc_before", "acc", "diff_l1", "prev_l1", "velocity_l1")
+_REC_NAN = ("rel", "update_l1", "acc_before", "acc", "diff_l1", "prev_l1", "velocity_l1", "cache_rel")
 
 
 @dataclasses.dataclass
@@ -72,6 +72,9 @@ class RunResult:
     plan_records: dict | None = None  # a host policy's own per-call records (parity with its reference)
     plan_state: Any = None  # a host policy's state after the run (carried into the next DF window)
     windows: list | None = None  # a windowed (long DF) run: the result of each window
+    # float32 [steps, W]: mean |new cache - old cache| / mean |old cache| of a chunk that computed over a cache (what
+    # a reuse would have replayed; nan elsewhere, and under displacement reuse): TeaCache's fitting target
+    cache_rel: np.ndarray | None = None
 
     @property
     def computed_fraction(self) -> float:
@@ -106,6 +109,12 @@ def _take(a: jax.Array, i: jax.Array) -> jax.Array:
 
 def _put(a: jax.Array, i: jax.Array, v: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), i, 0)
+
+
+def _cache_rel(new: jax.Array, old: jax.Array, had: jax.Array) -> jax.Array:
+    """Relative L1 change of a chunk's cache over one computed step (nan when it held none before)."""
+    new, old = new.astype(jnp.float32), old.astype(jnp.float32)
+    return jnp.where(had, jnp.mean(jnp.abs(new - old)) / (jnp.mean(jnp.abs(old)) + 1e-8), jnp.nan)
 
 
 def _mean_abs(x: jax.Array) -> jax.Array:
@@ -249,10 +258,11 @@ class Sampler:
         run_pos = active | refresh
         consts = knobs["solver"]
         if self.joint:
-            state, ran, upd, vel_l1 = self._joint(params, cond, state, row, x, ring, held, per_branch, consts)
+            state, ran, upd, vel_l1, crel = self._joint(params, cond, state, row, x, ring, held, per_branch, consts)
             calls = jnp.where(held[None, :], ran[:, None].astype(jnp.int8), jnp.int8(-1))
         else:
-            state, ran, upd, vel_l1 = self._positions(params, cond, state, row, x, ring, run_pos, per_branch, info_of,
+            state, ran, upd, vel_l1, crel = self._positions(params, cond, state, row, x, ring, run_pos, per_branch,
+                                                            info_of,
                                                       consts)
             calls = jnp.where(run_pos[None, :], ran.astype(jnp.int8), jnp.int8(-1))
         # The metric's anchor: every step's features, or (FirstBlockCache) those of the last computed step.
@@ -270,7 +280,8 @@ class Sampler:
                "acc_before": jnp.where(active, acc_before, nan), "acc": jnp.where(active, dec.acc, nan),
                "reason": jnp.where(active, dec.reason, jnp.int8(-1)).astype(jnp.int8),
                "diff_l1": jnp.where(info.present, info.diff_l1, nan),
-               "prev_l1": jnp.where(info.present, info.prev_l1, nan), "velocity_l1": vel_l1}
+               "prev_l1": jnp.where(info.present, info.prev_l1, nan), "velocity_l1": vel_l1,
+               "cache_rel": jnp.where(active, crel, nan)}
         return state, rec
 
     def _apply(self, state: SamplerState, x: jax.Array, v: jax.Array, computed: jax.Array, row: dict,
@@ -312,6 +323,7 @@ class Sampler:
         active = row["active"]
         zero_v = jnp.zeros_like(x[0])
         batched = self.branch_alike and d.batches_branches(cond)
+        nan = jnp.float32(jnp.nan)
 
         def position(carry, j):
             def run(carry):
@@ -328,6 +340,7 @@ class Sampler:
 
                     v, kv, ran = jax.lax.cond(per_branch[0, j], forward,
                                               lambda kv: (zero_v, kv, jnp.zeros((nb,), jnp.int32)), kv)
+                    crel = nan
                 elif batched:  # both branches decide alike: one batched forward (or replay) for both
                     cj = _take(cache, r)
                     slot = info_of(j, 0)
@@ -341,6 +354,7 @@ class Sampler:
 
                     vb, c_new, kv, ran = jax.lax.cond(per_branch[0, j], forward, replay, kv)
                     v = d.combine(params, cond, [vb[b] for b in range(nb)]).astype(zero_v.dtype)
+                    crel = _cache_rel(c_new, cj, has_cache[r])
                     cache = _put(cache, r, c_new)
                 else:
                     vs, rans, cs = [], [], []
@@ -362,17 +376,19 @@ class Sampler:
                         rans.append(ran_b)
                     v = (vs[0] if nb == 1 else d.combine(params, cond, vs)).astype(zero_v.dtype)
                     ran = jnp.stack(rans)
+                    crel = _cache_rel(jnp.stack(cs), _take(cache, r), has_cache[r])
                     cache = _put(cache, r, jnp.stack(cs))
                 has_cache = has_cache.at[r].set(has_cache[r] | (jnp.all(ran > 0) & active[j]))
-                return (cache, has_cache, kv, n + jnp.sum(ran)), (v, ran)
+                crel = jnp.where(jnp.all(ran > 0), crel, nan)
+                return (cache, has_cache, kv, n + jnp.sum(ran)), (v, ran, crel)
 
-            return jax.lax.cond(run_pos[j], run, lambda c: (c, (zero_v, jnp.zeros((nb,), jnp.int32))), carry)
+            return jax.lax.cond(run_pos[j], run, lambda c: (c, (zero_v, jnp.zeros((nb,), jnp.int32), nan)), carry)
 
         carry = (state.cache, state.has_cache, state.kv, state.computed)
-        (cache, has_cache, kv, computed), (v, ran) = jax.lax.scan(position, carry, jnp.arange(w))
+        (cache, has_cache, kv, computed), (v, ran, crel) = jax.lax.scan(position, carry, jnp.arange(w))
         state = state.replace(cache=cache, has_cache=has_cache, kv=kv, computed=computed)
         state, upd, vel = self._apply(state, x, v, ran[:, 0] > 0, row, ring, row["chunk"] >= 0, consts)
-        return state, ran.T, upd, vel
+        return state, ran.T, upd, vel, crel
 
     def _joint(self, params, cond, state, row, x, ring, held, per_branch, consts):
         """One forward of the whole window per CFG branch (reused as a whole), then ``_apply``."""
@@ -419,6 +435,8 @@ class Sampler:
         v = vs[0] if nb == 1 else d.combine(params, cond, vs)
         ran = jnp.stack(rans)
         new_cache = jnp.stack(cs, 1)
+        had = state.has_cache if self.identity_ring else state.has_cache[ring]
+        crel = jnp.where(held & jnp.all(ran > 0), jax.vmap(_cache_rel)(new_cache, cache, had), jnp.nan)
         if self.identity_ring:
             state = state.replace(cache=new_cache, has_cache=state.has_cache | (held & jnp.all(ran > 0)))
         else:
@@ -428,7 +446,7 @@ class Sampler:
                                                                          mode="drop"))
         state = state.replace(kv=kv, computed=state.computed + jnp.sum(held.astype(jnp.int32)) * jnp.sum(ran))
         state, upd, vel = self._apply(state, x, v.astype(x.dtype), jnp.full((w,), True), row, ring, held, consts)
-        return state, ran, upd, vel
+        return state, ran, upd, vel, crel
 
     def _reencode(self, params: Any, cond: Any, state: SamplerState, chunks: jax.Array) -> SamplerState:
         """Re-encode chunks that finished in the previous stage (ring slot -> chunk id or -1), oldest first."""
@@ -696,4 +714,5 @@ class Sampler:
                          wall=wall, traces=self.traces,
                          stage_latents=np.stack(stage_latents) if record_stages else None,
                          stage_reports=reports if record_stages else None, branches=self.branches,
-                         structure_skipped=int(state.skipped), plan_records=plan_records, plan_state=plan_state)
+                         structure_skipped=int(state.skipped), plan_records=plan_records, plan_state=plan_state,
+                         cache_rel=rec["cache_rel"])

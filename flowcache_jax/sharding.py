@@ -296,14 +296,15 @@ def kv_axes(kv: Any) -> Any:
     buffer's branch axis on "branch" (over data); bookkeeping (owners, frames, scores) replicated.
 
     MAGI-1: ``{"buf": KVBuffer}`` with k / v [layers, rows, kv_heads, head_dim] (a leading batch axis for a batch
-    of videos, over data); SkyReels-V2: (K, V) [branches, layers, rows, heads, head_dim]."""
+    of videos, over data); SkyReels-V2: (K, V) [branches, layers, rows, heads, head_dim], with a batch axis after
+    the branches for a batch of videos (data takes the branches where it divides them, else the batch)."""
     def one(path: tuple, leaf: Any) -> Axes:
         nd = np.ndim(leaf)
         name = _key_name(path[-1]) if path else ""
         if name in ("k", "v") and nd in (4, 5):  # [batch,] layers, rows, kv_heads, head_dim
             return Axes(("batch",) * (nd - 4) + ("layers", "cache_tokens", "kv_heads", "head_dim"))
-        if name in ("0", "1") and nd == 5:
-            return Axes(("branch", "layers", "cache_tokens", "kv_heads", "head_dim"))
+        if name in ("0", "1") and nd in (5, 6):  # branches, [batch,] layers, rows, heads, head_dim
+            return Axes(("branch",) + ("batch",) * (nd - 5) + ("layers", "cache_tokens", "kv_heads", "head_dim"))
         return Axes((None,) * nd)
 
     return jax.tree_util.tree_map_with_path(one, kv)
@@ -315,12 +316,14 @@ def state_axes(state: SamplerState, residual: bool) -> SamplerState:
     Latents, solver histories, metric features, accumulators and counters are replicated: the host reads the
     latents after each stage and the policy reads the features, so they are one value everywhere. A residual cache
     [W, branches, ...] puts its branch axis on "branch" and, when the residual is [tokens, embed] (SkyReels-V2's
-    transformer residual), its tokens on "cache_tokens"; MAGI-1's cached velocity is latent-shaped (replicated).
+    transformer residual; [batch, tokens, embed] for a batch of videos), its tokens on "cache_tokens"; MAGI-1's
+    cached velocity is latent-shaped (replicated).
     """
     rep = jax.tree.map(lambda a: Axes((None,) * np.ndim(a)), state)
     cache = Axes((None,) * np.ndim(state.cache))
     if residual:
-        tail = ("cache_tokens", "embed") if np.ndim(state.cache) == 4 else (None,) * (np.ndim(state.cache) - 2)
+        nd = np.ndim(state.cache)
+        tail = {4: ("cache_tokens", "embed"), 5: ("batch", "cache_tokens", "embed")}.get(nd, (None,) * (nd - 2))
         cache = Axes((None, "branch", *tail))
     return rep.replace(cache=cache, kv=kv_axes(state.kv))
 

@@ -6,6 +6,9 @@ and re-encode). Each window is one ``Sampler.run`` over a one-stage table whose 
 causal blocks (``schedules.df_window_table``); windows of one size share one sampler and so one compiled
 function (iterations are padded to the longest window), and a host policy's state (TeaCache's reference
 counter) is carried from window to window.
+
+A batch (the samplers' ``batch`` B) runs every window for all B videos at once: each video has its own initial
+noise, addnoise eps and prefix (the end of its own previous window); the windows and the decisions are shared.
 """
 
 from __future__ import annotations
@@ -96,9 +99,13 @@ class WindowedSampler:
     def run(self, params: Any, cond: Any, plan: DFPlan, key: jax.Array, progress: bool = True,
             on_chunk: Callable | None = None, policy: Any = None, noise: list | None = None,
             eps: list | None = None, plan_state: Any = None, record_stages: bool = False) -> RunResult:
-        """All windows; ``on_chunk(start, latents [C, n, h, w])`` gets every latent frame as soon as no later window
-        rewrites it. ``noise`` / ``eps`` (per window: [C, F, h, w] and [I, C, prefix, h, w]) replace the seeded
-        initial and prefix noise (parity with a reference run)."""
+        """All windows for the samplers' batch of B videos; the result's ``video`` is [B, 1, C, frames, h, w].
+
+        ``on_chunk(start, latents [C, n, h, w])`` gets the first video's latent frames as soon as no later window
+        rewrites them (the decoded preview is the first video's, as for a batched MAGI-1 run). ``noise`` / ``eps``
+        (per window: [B, C, F, h, w] and [B, I, C, prefix, h, w], or without the batch axis for B = 1) replace the
+        seeded initial and prefix noise (parity with a reference run). Seeded, each window draws both for the
+        whole batch at once (each video its own; B = 1 draws what a batch-free draw gives)."""
         sc, tables = self.schedule, self.tables(plan)
         slots = max(p for _, p in plan.windows) // sc.block
         results, video, done, emitted, t_callbacks = [], None, 0, 0, 0.0
@@ -107,41 +114,53 @@ class WindowedSampler:
                                                             desc="windows", disable=not progress, leave=False)):
             groups = frames // sc.block
             sampler = self.sampler(groups)
-            c, _, h, w = sampler.denoiser.chunk_shape
+            b, (c, _, h, w) = sampler.batch, sampler.denoiser.chunk_shape
             if video is None:
-                video = np.zeros((c, plan.latent_frames, h, w), np.float32)
+                video = np.zeros((b, c, plan.latent_frames, h, w), np.float32)
             kw, ke = jax.random.split(jax.random.fold_in(key, wi))
-            x = (np.array(noise[wi], np.float32) if noise is not None
-                 else np.array(jax.random.normal(kw, (c, frames, h, w), jnp.float32)))
-            if prefix:
-                x[:, :prefix] = video[:, done - prefix:done]
+            x = (_batched(noise[wi], (b, c, frames, h, w), "noise", wi) if noise is not None
+                 else np.array(jax.random.normal(kw, (b, c, frames, h, w), jnp.float32)))
+            if prefix:  # each video's prefix is the end of its own previous window
+                x[:, :, :prefix] = video[:, :, done - prefix:done]
             iters = int(table.step_valid.sum())
             e = None
             if prefix:
-                e = (np.asarray(eps[wi], np.float32) if eps is not None
-                     else np.asarray(jax.random.normal(ke, (iters, c, prefix, h, w), jnp.float32)))
-                e = e.reshape(iters, c, prefix // sc.block, sc.block, h, w).transpose(0, 2, 1, 3, 4, 5)
+                shape = (b, iters, c, prefix, h, w)
+                e = (_batched(eps[wi], shape, "eps", wi) if eps is not None
+                     else np.asarray(jax.random.normal(ke, shape, jnp.float32)))
+                # -> [I, prefix blocks, B, C, block, h, w]
+                e = e.reshape(b, iters, c, prefix // sc.block, sc.block, h, w).transpose(1, 3, 0, 2, 4, 5, 6)
             steps = table.num_stages * table.steps_per_stage
-            cond_w = sampler.denoiser.window_cond(cond, prefix // sc.block, e, steps, slots, (c, sc.block, h, w))
-            init = x.reshape(c, groups, sc.block, h, w).transpose(1, 0, 2, 3, 4)[None]
+            cond_w = sampler.denoiser.window_cond(cond, prefix // sc.block, e, steps, slots, (b, c, sc.block, h, w))
+            init = x.reshape(b, c, groups, sc.block, h, w).transpose(0, 2, 1, 3, 4, 5)
             res = sampler.run(params, cond_w, table, key, progress=False, initial_noise=init, policy=policy,
                               plan_state=plan_state, record_stages=record_stages)
             plan_state = res.plan_state
             results.append(res)
-            final = res.video[0].transpose(1, 0, 2, 3, 4).reshape(c, frames, h, w)
-            video[:, done - prefix:done - prefix + frames] = final
+            final = res.video.transpose(0, 2, 1, 3, 4, 5).reshape(b, c, frames, h, w)
+            video[:, :, done - prefix:done - prefix + frames] = final
             done += frames - prefix
             if on_chunk is not None:
                 final_end = done - (plan.windows[wi + 1][1] if wi + 1 < len(plan.windows) else 0)
                 if final_end > emitted:
                     t_cb = time.perf_counter()
-                    on_chunk(emitted, video[:, emitted:final_end].copy())
+                    on_chunk(emitted, video[0, :, emitted:final_end].copy())
                     t_callbacks += time.perf_counter() - t_cb
                     emitted = final_end
-        out = merge(results, video[None, None])
+        out = merge(results, video[:, None])
         out.wall["denoise"] = time.perf_counter() - t0 - t_callbacks - out.wall["compile"] - out.wall.get("plan", 0)
         out.traces = self.traces
         return out
+
+
+def _batched(a: Any, shape: tuple[int, ...], name: str, window: int) -> np.ndarray:
+    """A given per-window noise as [B, ...] (a batch-free array is one video's)."""
+    a = np.array(a, np.float32)
+    if a.shape == shape[1:] and shape[0] == 1:
+        a = a[None]
+    if a.shape != shape:
+        raise ValueError(f"{name} of window {window} has shape {a.shape}, expected {shape}")
+    return a
 
 
 def _pad(arrays: list[np.ndarray], fill) -> np.ndarray:
@@ -158,7 +177,7 @@ def merge(results: list[RunResult], video: np.ndarray) -> RunResult:
     fields = {}
     for name in ("decisions", "chunk", "reason"):
         fields[name] = _pad([getattr(r, name) for r in results], -1)
-    for name in ("rel", "update_l1", "acc_before", "acc", "diff_l1", "prev_l1", "velocity_l1"):
+    for name in ("rel", "update_l1", "acc_before", "acc", "diff_l1", "prev_l1", "velocity_l1", "cache_rel"):
         fields[name] = _pad([getattr(r, name) for r in results], np.nan)
     records = None
     if r0.plan_records is not None:

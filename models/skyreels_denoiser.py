@@ -10,7 +10,13 @@ Two executors, both driven by ``flowcache_jax.sampler``:
 
 Classifier-free guidance is two branches (0: prompt, 1: negative prompt) with their own K/V and residual
 caches, combined by ``combine`` with the guidance scale from ``cond``. Long-video prefix blocks get
-``(1 - a)·x + a·eps`` (a = 0.001·addnoise_condition, eps per iteration from ``cond["eps"]``).
+``(1 - a)·x + a·eps`` (a = 0.001·addnoise_condition, eps per iteration and video from ``cond["eps"]``).
+
+A batch of videos (x [B, ...] with B > 1) rides inside each forward: every video has its own tokens, K/V buffer
+and residuals (vmapped over the videos), while the time and text conditions and the cache decisions (timestep
+rules, or one input metric over the batch) are shared. With B = 1 the arrays keep their batch-free shapes
+(K/V [branches, layers, rows, heads, hd], residual [tokens, D]); with B > 1 a batch axis follows the branch axis
+(K/V [branches, B, layers, ...], residual [B, tokens, D]), as MAGI-1 does it.
 """
 
 from __future__ import annotations
@@ -97,8 +103,9 @@ class SkyReelsDenoiser:
     @staticmethod
     def window_cond(cond: dict, prefix_groups: int, eps: np.ndarray | None, iterations: int,
                     prefix_slots: int, eps_shape: tuple[int, ...]) -> dict:
-        """``cond`` of one DF window: its prefix block count and addnoise noise [I, slots, C, block, h, w] (zeros
-        where unused, so that windows with and without a prefix share one compiled function)."""
+        """``cond`` of one DF window: its prefix block count and addnoise noise [I, slots, B, C, block, h, w] (one
+        draw per video, as a batch-wide ``randn_like`` gives; zeros where unused, so that windows with and without
+        a prefix share one compiled function). ``eps_shape`` is (B, C, block, h, w)."""
         e = np.zeros((iterations, max(prefix_slots, 1), *eps_shape), np.float32)
         if eps is not None:
             e[: eps.shape[0], : eps.shape[1]] = eps
@@ -109,13 +116,15 @@ class SkyReelsDenoiser:
         return jax.random.normal(key, (batch, *self.chunk_shape), jnp.float32)
 
     def init_kv(self, batch: int, window: int) -> tuple:
-        """(K, V) [branches, layers, groups · tokens, heads, head_dim]; the window executor needs none."""
-        if batch != 1:
-            raise ValueError("SkyReels-V2 runs one video at a time (batch=1)")
+        """(K, V) [branches, (B,) layers, groups · tokens, heads, head_dim], the batch axis only for B > 1; the
+        window executor needs none."""
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
         if self.executor == "window":
             return ()
         c = self.cfg
-        shape = (self.branches, c.num_layers, self.groups * self.tokens_per_group, c.num_heads, c.head_dim)
+        shape = (self.branches, *((batch,) if batch > 1 else ()), c.num_layers, self.groups * self.tokens_per_group,
+                 c.num_heads, c.head_dim)
         return jnp.zeros(shape, jnp.dtype(c.dtype)), jnp.zeros(shape, jnp.dtype(c.dtype))
 
     def _model_t(self, t: jax.Array) -> jax.Array:
@@ -123,10 +132,11 @@ class SkyReelsDenoiser:
         return jnp.round((1.0 - t) * 1000.0)
 
     def _input(self, cond: dict, x: jax.Array, position: jax.Array, step: jax.Array) -> jax.Array:
-        """A prefix block's input is its latent noised with the iteration's eps; the others' their latent."""
+        """A prefix block's input x [B, ...] is its latent noised with the iteration's eps of each video; the
+        others' their latent."""
         prefix = position < cond["prefix_groups"]
         slots = cond["eps"].shape[1]
-        eps = cond["eps"][step, jnp.clip(position, 0, slots - 1)][None]
+        eps = cond["eps"][step, jnp.clip(position, 0, slots - 1)]  # [B, C, block, h, w] (or one unbatched draw)
         return jnp.where(prefix, x * (1 - cond["a"]) + eps * cond["a"], x)
 
     def step_conditions(self, params: dict, cond: dict, t: jax.Array) -> dict:
@@ -145,17 +155,27 @@ class SkyReelsDenoiser:
                     for k in ("e", "e0")}
         return time_conditions(self.cfg, params, jnp.full((frames,), self._model_t(info.t)), cond["fps"])
 
+    def _patch_embed(self, params: dict, x: jax.Array) -> jax.Array:
+        """Patch tokens [n, D] of latents x [1, C, frames, h, w] (one video); [B, n, D] of a batch's."""
+        one = lambda xb: dense(patchify(self.cfg, xb), params["patch"], jnp.float32)  # noqa: E731
+        return one(x[0]) if x.shape[0] == 1 else jax.vmap(one)(x)
+
     def _embed(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo) -> tuple[jax.Array, dict]:
-        tok = patchify(self.cfg, self._input(cond, x, info.position, info.step)[0])
-        return dense(tok, params["patch"], jnp.float32), self._time(params, cond, info)
+        return (self._patch_embed(params, self._input(cond, x, info.position, info.step)),
+                self._time(params, cond, info))
 
     def _velocity(self, params: dict, h: jax.Array, e: jax.Array) -> jax.Array:
+        """Velocity [B, C, block, h, w] from the stack's output h [n, D] (one video) or [B, n, D]."""
+        if h.ndim == 3:
+            return jax.vmap(lambda hb: self._velocity(params, hb, e)[0])(h)
         y = head(self.cfg, params, h, e, jnp.arange(h.shape[0]) // self.hw)
         return unpatchify(self.cfg, y, self.block, self.latent_h, self.latent_w)[None]
 
     def metric_features(self, params: dict, x: jax.Array, t: jax.Array) -> jax.Array:
-        """The block's patch embedding (the input-feature metric of the chunkwise policies)."""
-        return dense(patchify(self.cfg, x[0]), params["patch"], jnp.float32)[None]
+        """The block's patch embedding [B, n, D] (the input-feature metric of the chunkwise policies: one decision
+        for a batch, from the mean over its videos)."""
+        f = self._patch_embed(params, x)
+        return f[None] if x.shape[0] == 1 else f
 
     @staticmethod
     def branch_ctx(cond: dict, b: int | jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -166,7 +186,10 @@ class SkyReelsDenoiser:
 
     def _blocks(self, params: dict, h_in: jax.Array, e0: jax.Array, ctx: jax.Array, k: jax.Array, v: jax.Array,
                 g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Block g's transformer pass over one branch's buffer: writes its slot, attends to slots 0..g."""
+        """Block g's transformer pass over one branch's buffer: writes its slot, attends to slots 0..g. A batch
+        (h_in [B, n, D], buffers [B, layers, ...]) is vmapped over its videos, conditions shared."""
+        if h_in.ndim == 3:
+            return jax.vmap(lambda h, kb, vb: self._blocks(params, h, e0, ctx, kb, vb, g))(h_in, k, v)
         n = self.tokens_per_group
         cos, sin = (jax.lax.dynamic_slice_in_dim(jnp.asarray(a), g * n, n) for a in self._rope())
         h_out, (k, v), _ = run_blocks(self.cfg, params, h_in, e0, jnp.arange(n) // self.hw, ctx, cos, sin, None,
@@ -189,8 +212,8 @@ class SkyReelsDenoiser:
 
     def forward_branches(self, params: dict, cond: dict, x: jax.Array, info: SlotInfo, kv: tuple
                          ) -> tuple[jax.Array, jax.Array, tuple]:
-        """Both CFG branches of block ``info.position`` at once (vmapped over contexts and buffers): velocities and
-        residuals [branches, ...]."""
+        """Both CFG branches of block ``info.position`` at once (vmapped over contexts and buffers, and inside over
+        the videos of a batch): velocities [branches, B, ...] and residuals [branches, (B,) n, D]."""
         h_in, tc = self._embed(params, cond, x, info)
         h_out, k, v = jax.vmap(lambda c, kb, vb: self._blocks(params, h_in, tc["e0"], c, kb, vb, info.position))(
             cond["ctx_both"], kv[0], kv[1])
@@ -213,7 +236,8 @@ class SkyReelsDenoiser:
 
     def forward_window(self, params: dict, cond: dict, x: jax.Array, infos: SlotInfo, kv: tuple
                        ) -> tuple[jax.Array, jax.Array, tuple]:
-        """One DiT call over the whole window (positions = blocks in order): velocity and residual per block."""
+        """One DiT call over the whole window (positions = blocks in order) per video: velocity [W, B, ...] and
+        residual [W, (B,) n, D] per block."""
         embed = self._window_embed(params, cond, x, infos)
         v, res = self._window_call(params, embed, self.branch_ctx(cond, infos.branch), x.shape[0])
         return v, res, kv
@@ -226,10 +250,11 @@ class SkyReelsDenoiser:
         return v, res, kv
 
     def _window_embed(self, params: dict, cond: dict, x: jax.Array, infos: SlotInfo) -> tuple:
+        """The window's tokens h_in [N, D] (one video) or [B, N, D], and its per-frame time conditions."""
         c, w, pt = self.cfg, x.shape[0], self.cfg.patch_size[0]
         x_in = jax.vmap(lambda xi, pos: self._input(cond, xi, pos, infos.step))(x, infos.position)
-        full = jnp.moveaxis(x_in[:, 0], 0, 1).reshape(c.in_dim, w * self.block, self.latent_h, self.latent_w)
-        h_in = dense(patchify(c, full), params["patch"], jnp.float32)
+        full = jnp.moveaxis(x_in, 0, 2).reshape(x.shape[1], c.in_dim, w * self.block, self.latent_h, self.latent_w)
+        h_in = self._patch_embed(params, full)
         if "step" in cond:
             tc = {k: jnp.repeat(cond["step"][k], self.block // pt, 0) for k in ("e", "e0")}
         else:
@@ -237,7 +262,11 @@ class SkyReelsDenoiser:
         return h_in, tc
 
     def _window_call(self, params: dict, embed: tuple, ctx: jax.Array, w: int) -> tuple[jax.Array, jax.Array]:
+        """Velocity [W, B, ...] and residual [W, (B,) n, D] of one branch's whole-window call."""
         (h_in, tc), c = embed, self.cfg
+        if h_in.ndim == 3:  # a batch: one call per video (vmapped), the time conditions shared
+            v, res = jax.vmap(lambda h: self._window_call(params, (h, tc), ctx, w))(h_in)
+            return jnp.moveaxis(v[:, :, 0], 0, 1), jnp.moveaxis(res, 0, 1)
         n = h_in.shape[0]
         frame_of = jnp.arange(n) // self.hw
         keys = attn.Keys("blocks", block=self.tokens_per_group) if self.attention == "block_causal" else \

@@ -1,6 +1,7 @@
 """Theorem-1 study: the monotonicity helper on hand-made sequences, and the quick CLI end to end."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import theorem1_stats as stats
+from experiments import theorem1_thresholds as thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
 VERDICTS = {"holds", "mostly", "breaks"}
@@ -75,14 +77,38 @@ def test_quick_outputs(quick_run):
     assert res["summary"]
 
 
+def rows_of(res, regime, policy):
+    return sorted((e for e in res["error_vs_threshold"] if e["regime"] == regime and e["policy"] == policy),
+                  key=lambda e: e["threshold"])
+
+
 def test_threshold_zero_is_exact_and_error_grows(quick_run):
     _, res = quick_run
-    for policy in ("flowcache", "teacache"):
-        rows = sorted((e for e in res["error_vs_threshold"] if e["policy"] == policy), key=lambda e: e["threshold"])
-        assert rows[0]["threshold"] == 0 and rows[0]["computed_fraction"] == 1.0 and rows[0]["rel_l2"] == 0.0
-    fc = sorted((e for e in res["error_vs_threshold"] if e["policy"] == "flowcache"), key=lambda e: e["threshold"])
+    for regime in thresholds.AR_REGIMES:
+        for policy in thresholds.POLICIES:
+            rows = rows_of(res, regime, policy)
+            assert [e["threshold"] for e in rows] == thresholds.QUICK_THRESHOLDS
+            assert rows[0]["computed_fraction"] == 1.0 and rows[0]["rel_l2"] == 0.0
+    fc = rows_of(res, "base", "flowcache")
     assert all(a["computed_fraction"] > b["computed_fraction"] for a, b in zip(fc, fc[1:], strict=False))
     assert all(a["rel_l2"] < b["rel_l2"] for a, b in zip(fc, fc[1:], strict=False))
+
+
+def test_guard_error_falls_with_the_threshold_and_caps_runs(quick_run):
+    """Unguarded, the steep grid's error jumps to the all-reused value and stays (one cache held from the warm-up
+    to the end); the guard's error falls with the threshold in every regime, its runs capped by min_charge."""
+    _, res = quick_run
+    for regime in thresholds.AR_REGIMES:
+        guard = rows_of(res, regime, thresholds.GUARD)
+        m = guard[0]["min_charge"]
+        assert m > 0 and all(e["min_charge"] == m for e in guard)
+        assert all(a["rel_l2"] < b["rel_l2"] for a, b in zip(guard[1:], guard[2:], strict=False))
+        assert all(e["longest_reuse"] <= math.ceil(e["threshold"] / m) for e in guard)
+        assert f"{regime}/guard_cost" in res["summary"] and f"{regime}/flowcache+guard_thresholds" in res["summary"]
+    steep = rows_of(res, "power=3", "flowcache")
+    assert steep[-1]["rel_l2"] == steep[-2]["rel_l2"] > 0.5  # saturated: thresholds 0.03 and 0.12 alike
+    assert rows_of(res, "power=3", thresholds.GUARD)[-2]["rel_l2"] < 0.1 * steep[-2]["rel_l2"]
+    assert res["threshold_study_samplers"] == 3  # exact, TeaCache, FlowCache (+ guard): thresholds are knobs
 
 
 def test_direction_depends_on_the_schedule_and_the_assumption(quick_run):

@@ -21,6 +21,7 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
                                              fps=24))  # fps of the MP4 (MAGI-1 generates at 24)
     c.sampler = ml_collections.ConfigDict(dict(
         num_steps=64, window=4, clean_t=0.9999, shortcut_mode="8,16,16",  # the 12-step grid's split
+        time_power=2.0, time_shift=3.0,  # the time grid: u = (k/N)^power, then the shift (MAGI-1: 2 and 3)
         # "reference": the FlowCache fork (no clean re-encode of finished chunks, nearly-clean duplicate dropped);
         # "magi": upstream MAGI-1 (clean re-encode, duplicate run and blended 0.7/0.3); threshold 0 = vanilla.
         semantics=semantics,
@@ -44,6 +45,7 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
     c.policy = ml_collections.ConfigDict(dict(
         name=policy, threshold=threshold, warmup=5, coeffs=(), reuse="displacement", metric_dtype="float32",
         ratios=(), max_skips=4,  # MagCache: calibrated ratios per step (empty: calibrate), skip cap
+        min_charge=0.0,  # FlowCache guard: least accumulator charge per step, caps a reuse run (0: reference rule)
         metric="input",  # what the rule reads: the chunk's input features
         semantics="intended"))  # TeaCache: "reference" = the FlowCache fork's MAGI rule (README, TeaCache)
     # Precision and attention (README, GPU execution): dtype of activations / K/V / caches and of the stored weights

@@ -29,7 +29,8 @@ def get_base(name: str, policy: str, threshold: float = 0.0) -> ml_collections.C
         independent_first_frame=False, key_tile=4096))
     c.policy = ml_collections.ConfigDict(dict(
         name=policy, threshold=threshold, warmup=1, coeffs=(), reuse="residual", metric_dtype="float32",
-        metric="input", semantics="intended", ratios=(), max_skips=1))
+        metric="input", semantics="intended", ratios=(), max_skips=1,
+        min_charge=0.0))  # FlowCache guard: least accumulator charge per step (0: reference rule)
     # the history's storage (README, KV quantization): "dense" (compute dtype), "rtn_int8", "rtn_int4", "rtn_int2",
     # "study_soft_prune_int4" (the KV-quant study's recipe), "ours": tiers (bits, fraction of a frame's tokens) by
     # FlowCache's importance-redundancy score (importance weight score_lambda), the rest one summary token per frame

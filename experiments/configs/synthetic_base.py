@@ -20,5 +20,6 @@ def get_base(name: str, policy: str, threshold: float = 0.0) -> ml_collections.C
         reuse="displacement",  # "displacement" (MAGI: replay the latent step) or "residual" (SkyReels)
         metric_dtype="float32",  # "bfloat16" reproduces the MAGI reference's metric rounding
         ratios=(), max_skips=4,  # MagCache: calibrated ratios per step (empty: calibrate), skip cap
+        min_charge=0.0,  # FlowCache guard: least accumulator charge per step, caps a reuse run (0: reference rule)
         metric="input", semantics="intended"))
     return c

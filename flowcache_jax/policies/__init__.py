@@ -29,7 +29,7 @@ __all__ = ["METRICS", "POLICIES", "TIMESTEP_POLICIES", "Decision", "FirstBlockCa
 def make_policy(cfg: Any) -> Policy:
     """Build a policy from a config block with ``name``, ``threshold``, ``warmup``, ``coeffs``, ``metric`` (MagCache:
     ``ratios``, ``max_skips``; TeaCache: ``semantics`` on the input metric, ``counter`` / ``use_ret_steps`` on the
-    timestep metric)."""
+    timestep metric; FlowCache on the input metric: ``min_charge``, its reuse-run guard, 0 = the reference)."""
     name, metric = cfg.name, cfg.get("metric", "input")
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
@@ -42,6 +42,11 @@ def make_policy(cfg: Any) -> Policy:
     if cfg.warmup < 0:
         raise ValueError(f"policy.warmup must be >= 0, got {cfg.warmup}")
     coeffs = tuple(float(c) for c in cfg.get("coeffs", ()))
+    min_charge = float(cfg.get("min_charge", 0.0))
+    if not min_charge >= 0:
+        raise ValueError(f"policy.min_charge must be >= 0, got {min_charge}")
+    if min_charge > 0 and (name != "flowcache" or metric != "input"):
+        raise ValueError(f"policy.min_charge is FlowCache's guard on the input metric; {name} ({metric}) ignores it")
     if metric == "timestep":
         if name == "flowcache":
             return GroupFlowCache(threshold=float(cfg.threshold), warmup=int(cfg.warmup),
@@ -60,4 +65,4 @@ def make_policy(cfg: Any) -> Policy:
         ratios = tuple(float(r) for r in cfg.get("ratios", ()))
         return MagCache(threshold=float(cfg.threshold), ratios=ratios, warmup=int(cfg.warmup),
                         max_skips=int(cfg.get("max_skips", 4)))
-    return FlowCache(threshold=float(cfg.threshold), warmup=int(cfg.warmup), coeffs=coeffs)
+    return FlowCache(threshold=float(cfg.threshold), warmup=int(cfg.warmup), coeffs=coeffs, min_charge=min_charge)

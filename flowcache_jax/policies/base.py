@@ -65,7 +65,7 @@ def structure(policy: Any) -> tuple:
     return (type(policy).__name__, static, shapes)
 
 
-RUNTIME_FIELDS = ("threshold", "warmup", "coeffs", "ratios", "max_skips")  # fields carried by knobs()
+RUNTIME_FIELDS = ("threshold", "warmup", "coeffs", "ratios", "max_skips", "min_charge")  # fields carried by knobs()
 
 
 def base_knobs(threshold: float, warmup: int, coeffs: tuple[float, ...] = ()) -> dict[str, np.ndarray]:
