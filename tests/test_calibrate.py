@@ -1,9 +1,6 @@
 """Calibration to a target (issue 15, part 2): the search, the fits, and calibrate.py -> run.py --flagfile."""
 
 import json
-import os
-import subprocess
-import sys
 import types
 
 import numpy as np
@@ -11,17 +8,11 @@ import pytest
 
 from experiments.calibration import fit_polynomial, flag_lines, search
 from experiments.errors import ConfigError
-from tests.conftest import ROOT
+from tests.test_cli import cli
 
 SMALL = ["--config.schedule.n_chunks=4", "--config.schedule.steps_per_chunk=16", "--config.schedule.window=2",
          "--config.synthetic.work=1", "--config.synthetic.hidden=16", "--config.synthetic.height=4",
          "--config.synthetic.width=4", "--config.policy.warmup=2"]
-
-
-def cli(script, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=300)
 
 
 def staircase(t: float) -> dict:

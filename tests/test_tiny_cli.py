@@ -56,3 +56,21 @@ def test_quality_harness_schema_and_outputs(tmp_path):
 def test_quality_unknown_family(tmp_path):
     p = cli("quality.py", "--config=nope", f"--output_dir={tmp_path}")
     assert p.returncode == 2 and "no preset nope_vanilla" in p.stderr
+
+
+def test_time_grid_knobs_move_the_steps_and_reject_bad_values():
+    import ml_collections
+    import numpy as np
+    import pytest
+
+    from experiments.errors import ConfigError
+    from experiments.magi_run import time_grid
+    from flowcache_jax.schedules import magi_time_grid
+
+    s = ml_collections.ConfigDict(dict(num_steps=8, shortcut_mode="8,16,16", time_power=2.0, time_shift=3.0))
+    np.testing.assert_array_equal(time_grid(s), magi_time_grid(8))  # the defaults are MAGI-1's grid
+    s.time_power, s.time_shift = 1.0, 1.0
+    np.testing.assert_allclose(time_grid(s), np.linspace(0, 1, 9), atol=1e-6)  # uniform: steps dense near data too
+    s.time_shift = 0.0
+    with pytest.raises(ConfigError, match="time_shift"):
+        time_grid(s)
