@@ -30,14 +30,11 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 def true_clip(cfg, seed: int) -> np.ndarray:
     """The whole procedural clip of a seed, [T, H, W, 3] in [-1, 1]: the given chunks, then the true continuation."""
-    import jax
-
-    from experiments.procedural_videos import VideoSpec, render
+    from experiments.procedural_videos import clip
 
     v = cfg.video
-    frames = (cfg.prefix.chunks + v.num_chunks) * v.chunk_width
-    return np.asarray(render(jax.random.PRNGKey(seed), VideoSpec(frames=frames, height=v.latent_height,
-                                                                 width=v.latent_width)))
+    return np.asarray(clip(seed, (cfg.prefix.chunks + v.num_chunks) * v.chunk_width, v.latent_height,
+                           v.latent_width))
 
 
 def frame_psnrs(frames: np.ndarray, truth: np.ndarray) -> np.ndarray:

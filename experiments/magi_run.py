@@ -194,11 +194,12 @@ def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int, clip: np.ndarra
     v, src = cfg.video, cfg.prefix.source
     c, f, h, w = mcfg.in_channels, p * v.chunk_width, v.latent_height, v.latent_width
     if src == "procedural":
-        from experiments.procedural_videos import VideoSpec, render, to_latent
+        from experiments.procedural_videos import clip as procedural_clip
+        from experiments.procedural_videos import to_latent
 
         if c != 3:
             raise ConfigError(f"prefix.source=procedural gives RGB frames; the model has in_channels={c}")
-        lat = np.asarray(to_latent(render(jax.random.PRNGKey(seed), VideoSpec(frames=f, height=h, width=w))))
+        lat = np.asarray(to_latent(procedural_clip(seed, f, h, w)))
     elif src == "video":
         lat = clip
     elif src == "file":

@@ -84,6 +84,12 @@ def render(key: jax.Array, spec: VideoSpec) -> jax.Array:
     return jnp.clip(img * light[..., None], -1.0, 1.0)
 
 
+def clip(seed: int, frames: int, height: int, width: int) -> jax.Array:
+    """The default world's clip of a seed, [T, H, W, 3]: what a continuation is given and what it is scored
+    against (one place, so the two cannot disagree)."""
+    return render(jax.random.PRNGKey(seed), VideoSpec(frames=frames, height=height, width=width))
+
+
 def batch(key: jax.Array, size: int, spec: VideoSpec) -> jax.Array:
     """``size`` videos [B, T, H, W, 3] from one key (video i uses ``fold_in(key, i)``)."""
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(size))
