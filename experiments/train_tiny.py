@@ -44,6 +44,9 @@ _CHUNK_FRAMES = flags.DEFINE_integer("chunk_frames", 2, "Frames per chunk.")
 _SIZE = flags.DEFINE_integer("size", 32, "Frame height and width.")
 _CTX_NOISE = flags.DEFINE_float("context_noise", 0.05, "Largest noise fraction mixed into clean context chunks.")
 _CTX_BLUR = flags.DEFINE_float("context_blur", 1.0, "Largest blend of clean context chunks towards a blurred copy.")
+_CTX_SELF = flags.DEFINE_float("context_self", 0.0, "Share of clips whose clean context is the model's own estimate.")
+_INIT = flags.DEFINE_string("init_from", None, "Start from this exported model folder (fine-tuning) instead of "
+                            "random weights; ignored when resuming.")
 
 FROZEN = ("t_freqs", "rope_bands")  # fixed tables stored with the params, never trained
 
@@ -58,6 +61,7 @@ class TrainSetup:
     window: int
     context_noise: float = 0.0  # largest noise mixed into clean context chunks (they keep t = 1)
     context_blur: float = 0.0  # largest blend towards a blurred copy of the clean context chunks
+    context_self: float = 0.0  # share of clips whose clean context is replaced by the model's own estimate
 
 
 def sample_times(key: jax.Array, chunks: int, window: int) -> jax.Array:
@@ -93,6 +97,20 @@ def blur(x: jax.Array) -> jax.Array:
     return x
 
 
+def self_estimate(forward, params: dict, x1: jax.Array, chunks: int, key: jax.Array) -> jax.Array:
+    """The model's own clean estimate of a clip from one noisy level (no gradient), x̂1 = x_t + (1 - t)·v̂.
+
+    At inference a chunk's context is what the model generated, with the model's own artefacts (blur, colour
+    noise per patch), not a rendered clip; one denoising step from a random level near the data end gives a
+    context with those artefacts at a third of a training step's cost (a forward without backward).
+    """
+    kt, kn = jax.random.split(jax.random.fold_in(key, 1))
+    ts = jax.random.uniform(kt, (), minval=0.6, maxval=0.97)
+    xt = ts * x1 + (1 - ts) * jax.random.normal(kn, x1.shape)
+    p = jax.lax.stop_gradient(params)
+    return jax.lax.stop_gradient(xt + (1 - ts) * forward(p, xt, jnp.full((chunks,), ts)))
+
+
 def loss_fn(params: dict, setup: TrainSetup, key: jax.Array) -> jax.Array:
     cfg, k_, f = setup.cfg, setup.chunks, setup.chunk_frames
     kd, kt, kn, ka = jax.random.split(key, 4)
@@ -102,18 +120,24 @@ def loss_fn(params: dict, setup: TrainSetup, key: jax.Array) -> jax.Array:
     # At inference the context is the model's own output, not a rendered clip: blurring the clean chunks a little
     # and mixing in a little noise (they stay labelled t = 1, the targets stay sharp) teaches the model to restore
     # its context's errors instead of copying them forward, chunk after chunk.
-    kb, ka = jax.random.split(ka)
-    clean = jnp.repeat(t >= 1.0, f)[None, :, None, None]
-    x1_ctx = jnp.where(clean, x1 + setup.context_blur * jax.random.uniform(kb) * (blur(x1) - x1), x1)
-    t_in = jnp.where(t >= 1.0, 1.0 - setup.context_noise * jax.random.uniform(ka), t)
-    tf = jnp.repeat(t_in, f)[None, :, None, None]
-    xt = tf * x1_ctx + (1 - tf) * x0
+    kb, ka, ks = jax.random.split(ka, 3)
     hw = (x1.shape[2] // cfg.patch_size) * (x1.shape[3] // cfg.patch_size)
     ctn = f * hw // cfg.t_patch_size
     kv_range = jnp.stack([jnp.zeros(k_, jnp.int32), (jnp.arange(k_) + 1) * ctn], -1)  # block-causal
     y = jnp.broadcast_to(params["y_embed"]["null_caption"][None], (k_, *params["y_embed"]["null_caption"].shape))
     mask = jnp.ones(y.shape[:2], jnp.float32)
-    vel, _, _ = forward_call(cfg, params, xt, t, y, mask, kv_range, empty_buffer(cfg, 1), 0, setup.num_steps, 0)
+    forward = lambda p, x, tt: forward_call(cfg, p, x, tt, y, mask, kv_range, empty_buffer(cfg, 1), 0,
+                                            setup.num_steps, 0)[0]
+    clean = jnp.repeat(t >= 1.0, f)[None, :, None, None]
+    ctx = x1 + setup.context_blur * jax.random.uniform(kb) * (blur(x1) - x1)
+    if setup.context_self > 0:  # a one-step scheduled sampling: the context carries the model's own errors
+        ctx = jax.lax.cond(jax.random.uniform(ks) < setup.context_self,
+                           lambda: self_estimate(forward, params, x1, k_, ks), lambda: ctx)
+    x1_ctx = jnp.where(clean, ctx, x1)
+    t_in = jnp.where(t >= 1.0, 1.0 - setup.context_noise * jax.random.uniform(ka), t)
+    tf = jnp.repeat(t_in, f)[None, :, None, None]
+    xt = tf * x1_ctx + (1 - tf) * x0
+    vel = forward(params, xt, t)
     err = jnp.square(vel - (x1 - x0)).reshape(x1.shape[0], k_, -1).mean((0, 2))
     noisy = (t < 1.0).astype(jnp.float32)
     return jnp.sum(err * noisy) / jnp.maximum(noisy.sum(), 1.0)
@@ -148,6 +172,15 @@ def init_state(setup: TrainSetup, opt: optax.GradientTransformation, seed: int) 
     params["final"] = jax.tree.map(jnp.zeros_like, params["final"])  # start from a zero velocity
     ema = jax.tree.map(jnp.copy, params)
     return {"params": params, "ema": ema, "opt": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def warm_start(state: dict, folder: str, opt: optax.GradientTransformation) -> dict:
+    """Fine-tuning: the weights (and their EMA) of an exported model, a fresh optimizer and step count."""
+    from flowcache_jax import checkpoint
+
+    params, _ = checkpoint.load(folder, target=state["params"])
+    params = jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), params, state["params"])
+    return {**state, "params": params, "ema": jax.tree.map(jnp.copy, params), "opt": opt.init(params)}
 
 
 def plot_loss(losses: list[float], path: Path) -> None:
@@ -185,9 +218,11 @@ def main(argv: list[str]) -> None:
     spec = VideoSpec(frames=_CHUNKS.value * _CHUNK_FRAMES.value, height=_SIZE.value, width=_SIZE.value)
     cfg = Magi1Config.from_upstream(TINY_MODEL, "float32")
     setup = TrainSetup(cfg, spec, _CHUNKS.value, _CHUNK_FRAMES.value, _NUM_STEPS.value, _WINDOW.value,
-                       _CTX_NOISE.value, _CTX_BLUR.value)
+                       _CTX_NOISE.value, _CTX_BLUR.value, _CTX_SELF.value)
     opt = make_optimizer(_STEPS.value, _LR.value)
     state = init_state(setup, opt, _SEED.value)
+    if _INIT.value:
+        state = warm_start(state, _INIT.value, opt)
     log_path = out / "train_log.json"
     losses: list[float] = json.loads(log_path.read_text())["losses"] if log_path.is_file() else []
     mngr = ocp.CheckpointManager(out / "train_state", options=ocp.CheckpointManagerOptions(max_to_keep=2))
@@ -224,6 +259,7 @@ def main(argv: list[str]) -> None:
                          "chunk_frames": _CHUNK_FRAMES.value, "size": _SIZE.value, "lr": _LR.value,
                          "seed": _SEED.value, "num_steps": _NUM_STEPS.value, "window": _WINDOW.value,
                          "context_noise": _CTX_NOISE.value, "context_blur": _CTX_BLUR.value,
+                         "context_self": _CTX_SELF.value, "init_from": _INIT.value,
                          "world": dataclasses.asdict(spec),
                          "final_loss_mean100": final, "weights": "ema(0.999, warm-up (1+n)/(10+n))",
                          "wall_minutes_this_run": (time.perf_counter() - t0) / 60}}

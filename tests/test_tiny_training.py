@@ -1,6 +1,7 @@
 """The procedural videos and the tiny model's training objective (diffusion forcing, MAGI convention)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import optax
 
 from experiments.configs.tiny_base import TINY_MODEL
 from experiments.procedural_videos import VideoSpec, batch, from_latent, render, to_latent
-from experiments.train_tiny import TrainSetup, init_state, loss_fn, make_optimizer, make_step, sample_times
+from experiments.train_tiny import TrainSetup, init_state, loss_fn, make_optimizer, make_step, sample_times, warm_start
 from models.magi1 import Magi1Config
 
 SPEC = VideoSpec(frames=6, height=16, width=16)
@@ -40,7 +41,7 @@ def test_training_reduces_the_loss():
     cfg = dataclasses.replace(Magi1Config.from_upstream(TINY_MODEL, "float32"), num_layers=1, hidden_size=32,
                               ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1, kv_channels=16)
     setup = TrainSetup(cfg, VideoSpec(frames=4, height=16, width=16), chunks=2, chunk_frames=2, num_steps=8,
-                       window=2)
+                       window=2, context_self=0.5)  # the self-context path (no gradient through it) trains too
     opt = make_optimizer(60, 3e-3)
     state = init_state(setup, opt, 0)
     keys = jnp.stack([jax.random.PRNGKey(100 + i) for i in range(8)])
@@ -53,3 +54,29 @@ def test_training_reduces_the_loss():
     assert after < 0.8 * before, (before, after)
     frozen = init_state(setup, optax.sgd(0.0), 0)["params"]
     np.testing.assert_array_equal(state["params"]["rope_bands"], frozen["rope_bands"])  # tables stay fixed
+
+
+def test_self_context_and_warm_start(tmp_path):
+    from flowcache_jax import checkpoint
+
+    cfg = dataclasses.replace(Magi1Config.from_upstream(TINY_MODEL, "float32"), num_layers=1, hidden_size=32,
+                              ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1, kv_channels=16)
+    plain = TrainSetup(cfg, VideoSpec(frames=6, height=16, width=16), chunks=3, chunk_frames=2, num_steps=8,
+                       window=2)
+    own = dataclasses.replace(plain, context_self=1.0)
+    opt = make_optimizer(10, 1e-3)
+    state = init_state(plain, opt, 0)
+    state["params"]["final"] = jax.tree.map(lambda a: a + 0.05, state["params"]["final"])  # a non-zero velocity
+    keys = jnp.stack([jax.random.PRNGKey(i) for i in range(16)])
+    both = jax.jit(lambda p: [jax.vmap(functools.partial(loss_fn, p, s))(keys) for s in (plain, own)])  # one compile
+    a, b = map(np.asarray, both(state["params"]))
+    # Clips with clean context chunks see the model's own estimate instead of the rendered clip: another loss.
+    assert np.isfinite(b).all() and (np.abs(a - b) > 1e-6).any()
+    # Fine-tuning starts from an exported model's weights, with a fresh optimizer.
+    checkpoint.save(tmp_path / "m", state["params"], {"model": "magi1"})
+    fresh = init_state(plain, opt, 1)
+    warm = warm_start(fresh, str(tmp_path / "m"), opt)
+    for x, y in zip(jax.tree.leaves(warm["params"]), jax.tree.leaves(state["params"]), strict=True):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(warm["ema"]), jax.tree.leaves(state["params"]), strict=True):
+        np.testing.assert_array_equal(x, y)
