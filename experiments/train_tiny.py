@@ -37,6 +37,8 @@ _CHUNKS = flags.DEFINE_integer("chunks", 5, "Chunks per training clip.")
 _LR = flags.DEFINE_float("lr", 2e-3, "Peak learning rate (warm-up then cosine decay).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial weights and of the data stream.")
 _MAX_MIN = flags.DEFINE_float("max_minutes", 70.0, "Stop (and export) after this much wall time.")
+_FIT_MIN = flags.DEFINE_float("fit_minutes", 0.0, "If > 0: time the first steps, then set the step count (and the "
+                              "cosine schedule's end) so the run takes about this long, e.g. a GPU's short lease.")
 _SAVE_EVERY = flags.DEFINE_integer("save_every", 200, "Steps between resumable checkpoints.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 32, "Sampler steps the model is meant for (MAGI's step-size input).")
 _WINDOW = flags.DEFINE_integer("window", 4, "Inference window: spacing of the noise levels of adjacent chunks.")
@@ -102,7 +104,8 @@ def self_estimate(forward, params: dict, x1: jax.Array, chunks: int, key: jax.Ar
 
     At inference a chunk's context is what the model generated, with the model's own artefacts (blur, colour
     noise per patch), not a rendered clip; one denoising step from a random level near the data end gives a
-    context with those artefacts at a third of a training step's cost (a forward without backward).
+    context with those artefacts for one forward without backward per clip (under the batch vmap the
+    ``lax.cond`` that picks it runs both branches, so it costs that on every clip: about +40 % per step).
     """
     kt, kn = jax.random.split(jax.random.fold_in(key, 1))
     ts = jax.random.uniform(kt, (), minval=0.6, maxval=0.97)
@@ -183,6 +186,12 @@ def warm_start(state: dict, folder: str, opt: optax.GradientTransformation) -> d
     return {**state, "params": params, "ema": jax.tree.map(jnp.copy, params), "opt": opt.init(params)}
 
 
+def fit_steps(done: int, elapsed_s: float, step_s: float, minutes: float) -> int:
+    """The step count that ends a run started ``elapsed_s`` ago within ``minutes`` (10 % kept for the re-jit of
+    the new schedule and the saves); at least one more step."""
+    return max(done + 1, done + int(0.9 * (minutes * 60 - elapsed_s) / step_s))
+
+
 def plot_loss(losses: list[float], path: Path) -> None:
     import matplotlib
 
@@ -219,12 +228,15 @@ def main(argv: list[str]) -> None:
     cfg = Magi1Config.from_upstream(TINY_MODEL, "float32")
     setup = TrainSetup(cfg, spec, _CHUNKS.value, _CHUNK_FRAMES.value, _NUM_STEPS.value, _WINDOW.value,
                        _CTX_NOISE.value, _CTX_BLUR.value, _CTX_SELF.value)
-    opt = make_optimizer(_STEPS.value, _LR.value)
+    log_path = out / "train_log.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    losses: list[float] = log.get("losses", [])
+    total = int(log.get("total_steps", _STEPS.value))  # a resumed --fit_minutes run keeps the count it chose
+    fitted = "total_steps" in log or _FIT_MIN.value <= 0
+    opt = make_optimizer(total, _LR.value)
     state = init_state(setup, opt, _SEED.value)
     if _INIT.value:
         state = warm_start(state, _INIT.value, opt)
-    log_path = out / "train_log.json"
-    losses: list[float] = json.loads(log_path.read_text())["losses"] if log_path.is_file() else []
     mngr = ocp.CheckpointManager(out / "train_state", options=ocp.CheckpointManagerOptions(max_to_keep=2))
     if mngr.latest_step() is not None:
         state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
@@ -233,37 +245,52 @@ def main(argv: list[str]) -> None:
     step_fn = make_step(setup, opt, _BATCH.value)
     data_key = jax.random.PRNGKey(_SEED.value + 1)
     t0, start = time.perf_counter(), int(state["step"])
-    bar = tqdm(range(start, _STEPS.value), initial=start, total=_STEPS.value, desc="train")
+    bar = tqdm(initial=start, total=total, desc="train")
+    probe, t_probe = start + 5, 0.0  # steps before `probe` include the compile
 
     def save(step: int) -> None:
         mngr.save(step, args=ocp.args.StandardSave(state))
         mngr.wait_until_finished()
-        io.write_json(log_path, {"losses": losses})
+        io.write_json(log_path, {"losses": losses, **({"total_steps": total} if fitted and _FIT_MIN.value > 0 else {})})
 
-    for s in bar:
+    s = start
+    while s < total:
         state, loss = step_fn(state, jax.random.fold_in(data_key, s))
         losses.append(float(loss))
+        s += 1
+        bar.update(1)
         if s % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if (s + 1) % _SAVE_EVERY.value == 0:
-            save(s + 1)
+        if not fitted and s == probe:
+            t_probe = time.perf_counter()
+        elif not fitted and s == probe + 20:
+            rate = (time.perf_counter() - t_probe) / 20  # seconds per step, compiled
+            total, fitted = fit_steps(s, time.perf_counter() - t0, rate, _FIT_MIN.value), True
+            opt = make_optimizer(total, _LR.value)  # same state structure: the schedule reads the step count
+            step_fn = make_step(setup, opt, _BATCH.value)
+            bar.total = total
+            bar.refresh()
+            print(f"--fit_minutes={_FIT_MIN.value}: {rate * 1e3:.1f} ms per step -> {total} steps")
+        if s % _SAVE_EVERY.value == 0:
+            save(s)
         if (time.perf_counter() - t0) / 60 > _MAX_MIN.value:
-            print(f"stopping at step {s + 1}: --max_minutes={_MAX_MIN.value} reached")
+            print(f"stopping at step {s}: --max_minutes={_MAX_MIN.value} reached")
             break
+    bar.close()
     done = int(state["step"])
     save(done)
-    plot_loss(losses, out / "loss.png")
     final = float(np.mean(losses[-100:])) if losses else math.nan
     meta = {"model": "magi1", "model_config": TINY_MODEL,
             "training": {"steps": done, "batch": _BATCH.value, "chunks": _CHUNKS.value,
                          "chunk_frames": _CHUNK_FRAMES.value, "size": _SIZE.value, "lr": _LR.value,
                          "seed": _SEED.value, "num_steps": _NUM_STEPS.value, "window": _WINDOW.value,
                          "context_noise": _CTX_NOISE.value, "context_blur": _CTX_BLUR.value,
-                         "context_self": _CTX_SELF.value, "init_from": _INIT.value,
+                         "context_self": _CTX_SELF.value, "init_from": _INIT.value, "total_steps": total,
                          "world": dataclasses.asdict(spec),
                          "final_loss_mean100": final, "weights": "ema(0.999, warm-up (1+n)/(10+n))",
                          "wall_minutes_this_run": (time.perf_counter() - t0) / 60}}
     checkpoint.save(out / "model", state["ema"], meta, overwrite=True)
+    plot_loss(losses, out / "loss.png")  # after the export: a machine without matplotlib still gets the model
     print(f"step {done}: mean loss of the last 100 steps {final:.4f}; wrote {out / 'model'}, {out / 'loss.png'}")
 
 

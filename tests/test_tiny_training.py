@@ -10,7 +10,16 @@ import optax
 
 from experiments.configs.tiny_base import TINY_MODEL
 from experiments.procedural_videos import VideoSpec, batch, from_latent, render, to_latent
-from experiments.train_tiny import TrainSetup, init_state, loss_fn, make_optimizer, make_step, sample_times, warm_start
+from experiments.train_tiny import (
+    TrainSetup,
+    fit_steps,
+    init_state,
+    loss_fn,
+    make_optimizer,
+    make_step,
+    sample_times,
+    warm_start,
+)
 from models.magi1 import Magi1Config
 
 SPEC = VideoSpec(frames=6, height=16, width=16)
@@ -80,3 +89,9 @@ def test_self_context_and_warm_start(tmp_path):
         np.testing.assert_array_equal(x, y)
     for x, y in zip(jax.tree.leaves(warm["ema"]), jax.tree.leaves(state["params"]), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_fit_steps():
+    assert fit_steps(25, 30.0, 0.1, 1.0) == 25 + 270  # 30 s left at 0.1 s per step, 10 % kept
+    assert fit_steps(25, 90.0, 0.1, 1.0) == 26  # over time already: one more step, then export
+
