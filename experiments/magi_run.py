@@ -45,6 +45,14 @@ def validate_magi(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"sampler.clean_t must be in (0, 1], got {s.clean_t}")
     if s.discard_duplicate not in (None, True, False):
         raise ConfigError(f"sampler.discard_duplicate must be true, false or unset, got {s.discard_duplicate!r}")
+    hs, ht = float(s.get("history_guidance", 1.0)), float(s.get("history_guidance_t_max", 1.0))
+    if hs <= 0 or not 0.0 < ht <= 1.0:
+        raise ConfigError(f"sampler.history_guidance must be > 0 (1 = off) and sampler.history_guidance_t_max in "
+                          f"(0, 1], got {hs} and {ht}")
+    discard = s.semantics != "magi" if s.discard_duplicate is None else bool(s.discard_duplicate)
+    if hs != 1.0 and not discard:
+        raise ConfigError("sampler.history_guidance replaces the nearly-clean duplicate's 0.7/0.3 blend (both are "
+                          "guidance on the history): set sampler.discard_duplicate=true or history_guidance=1")
     kv = cfg.kv
     method = kv.get("method", "dense")
     if method not in kvm.METHODS:
@@ -243,7 +251,8 @@ def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
         num_steps=s.num_steps, steps_per_stage=s.num_steps // s.window, clean_t=s.clean_t,
         nearly_clean_k=nearly_clean_step(grid), discard_duplicate=discard,
         noise2clean_kvrange=(5, 4, 3, 2) if s.kv_range == "official" else (),
-        distill_intervals=tuple(distill_interval_table(s.num_steps, s.shortcut_mode, s.window)), key_tile=s.key_tile)
+        distill_intervals=tuple(distill_interval_table(s.num_steps, s.shortcut_mode, s.window)), key_tile=s.key_tile,
+        history_scale=float(s.get("history_guidance", 1.0)), history_t_max=float(s.get("history_guidance_t_max", 1.0)))
     if cfg.kv.compress:
         comp = CompressConfig(budget=1, mix_lambda=cfg.kv.mix_lambda, kernel=cfg.kv.kernel, min_shift=True)
         den = dataclasses.replace(den, cache_chunks=cfg.kv.budget_chunks, compression=comp,

@@ -54,6 +54,11 @@ class Magi1Denoiser:
     prefix_chunks: int = 0  # clean chunks given before the video (continuation): ``cond["prefix"]``, see prepare_kv
     constrain: Any = None  # the sharding hook (flowcache_jax.sharding.Layout); None on one device
     kv_method: kvm.QuantMethod | None = None  # finished chunks' K/V fake-quantized by this method (None: dense)
+    # History guidance (MAGI-1 base's prev_chunk_scales, Diffusion Forcing's history guidance): while a chunk's time
+    # is at most history_t_max, v = v_alone + history_scale·(v − v_alone), v_alone from a second forward of the
+    # chunk that sees only itself (no K/V written). 1.0 = off (one forward, the distilled model's sampling).
+    history_scale: float = 1.0
+    history_t_max: float = 1.0
 
     def __post_init__(self):
         m = self.kv_method
@@ -217,7 +222,14 @@ class Magi1Denoiser:
         chunk = info.chunk + self.prefix_chunks  # the model's chunk index (RoPE, KV slot) counts the prefix
         v, kv = self._call(params, x, info.t, y, mask, kv, chunk, self._first_key_chunk(chunk, info.k), True, info.k,
                            y_x)
-        if self.nearly_clean_k is not None and not self.discard_duplicate:
+        if self.history_scale != 1.0:
+            def guided(kv):  # the chunk alone at the slot after the window, like the nearly-clean duplicate
+                va, kv = self._call(params, x, info.t, y, mask, kv, info.window_end + self.prefix_chunks, None, False,
+                                    info.k, y_x)
+                return va + self.history_scale * (v - va), kv
+
+            v, kv = jax.lax.cond(info.t <= self.history_t_max, guided, lambda kv: (v, kv), kv)
+        elif self.nearly_clean_k is not None and not self.discard_duplicate:
             dup = (info.position == 0) & (info.k >= self.nearly_clean_k)
 
             def duplicate(kv):  # same latent, time and caption at the slot after the window, sees only itself

@@ -11,9 +11,11 @@ def pass_flops(mcfg, ctn: int, keys: int, caption_tokens: int) -> dict[str, floa
                                   ctn, keys, caption_tokens, mcfg.gated_linear_unit)
 
 
-def count_passes(table, den, decisions, chunks, ks, reencode: bool) -> list[tuple[str, int]]:
-    """(kind, key chunks) of every chunk pass a run makes: computed chunks, duplicates, clean re-encodes."""
+def count_passes(table, den, decisions, chunks, ks, reencode: bool, ts=None) -> list[tuple[str, int]]:
+    """(kind, key chunks) of every chunk pass a run makes: computed chunks, duplicates, history guidance's chunk-alone
+    passes (``ts``: each slot's time), clean re-encodes."""
     out = []
+    guided = getattr(den, "history_scale", 1.0) != 1.0
     steps_k = len(den.noise2clean_kvrange)
     dup_k = den.nearly_clean_k if not den.discard_duplicate and den.nearly_clean_k is not None else None
     for g in range(decisions.shape[0]):
@@ -24,7 +26,9 @@ def count_passes(table, den, decisions, chunks, ks, reencode: bool) -> list[tupl
             n_keys = c + 1 if not steps_k else min(c + 1, den.noise2clean_kvrange[min(ks[g, j] // den.steps_per_stage,
                                                                                           steps_k - 1)])
             out.append(("noisy", n_keys))
-            if j == 0 and dup_k is not None and ks[g, j] >= dup_k:
+            if guided and ts is not None and ts[g, j] <= den.history_t_max:
+                out.append(("history_alone", 1))
+            elif j == 0 and dup_k is not None and ks[g, j] >= dup_k:
                 out.append(("duplicate", 1))
     if reencode:
         for s in range(1, table.num_stages):
@@ -41,8 +45,9 @@ def run_flops(run, res=None) -> dict:
     valid = t.step_valid.reshape(-1)
     chunks = t.chunk.reshape(-1, t.window)[valid]
     ks = t.k.reshape(-1, t.window)[valid]
+    ts = t.t.reshape(-1, t.window)[valid]
     dec = np.where(chunks >= 0, 1, -1) if res is None else res.decisions
-    passes = count_passes(t, den, dec, chunks, ks, run.sampler.reencode_clean)
+    passes = count_passes(t, den, dec, chunks, ks, run.sampler.reencode_clean, ts)
     ctn = den.tokens_per_chunk
     cap = int(np.asarray(run.cond["mask"]).sum(-1).mean()) if run.cond is not None else 0
     total = {"linear": 0.0, "attention": 0.0, "cross_attention": 0.0, "total": 0.0}

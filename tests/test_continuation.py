@@ -25,3 +25,25 @@ def test_shipped_model_continues_the_clip_far_better_than_repeating_it(tmp_path)
 def test_continuation_needs_a_procedural_prefix(tmp_path):
     p = cli("continuation.py", "--config=synthetic_fast", f"--output_dir={tmp_path}")
     assert p.returncode == 2 and "procedural" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_history_guidance_knobs_are_checked():
+    import pytest
+
+    from experiments.configs.tiny_vanilla import get_config
+    from experiments.errors import ConfigError
+    from experiments.magi_run import validate_magi
+
+    cfg = get_config()
+    assert cfg.sampler.history_guidance == 1.0  # off by default: one forward per computed chunk
+    for key, value in (("history_guidance", 0.0), ("history_guidance_t_max", 1.5)):
+        bad = cfg.copy_and_resolve_references()
+        bad.sampler[key] = value
+        with pytest.raises(ConfigError, match="history_guidance"):
+            validate_magi(bad)
+    bad = cfg.copy_and_resolve_references()
+    bad.sampler.history_guidance = 1.25
+    validate_magi(bad)
+    bad.sampler.discard_duplicate = False  # the 0.7/0.3 duplicate blend and history guidance do not combine
+    with pytest.raises(ConfigError, match="discard_duplicate"):
+        validate_magi(bad)

@@ -647,3 +647,50 @@ def test_batch_of_two_videos_is_each_video_alone():
     np.testing.assert_allclose(to_ncthw(both.video[:1]), VANILLA["latent_final"], **LATENT_TOL)
     np.testing.assert_allclose(both.video[1], alone.video[0], rtol=1e-5, atol=1e-5)
     assert np.abs(both.video[1] - both.video[0]).max() > 0.1
+
+
+def test_history_guidance_blends_the_chunk_with_and_without_its_history():
+    """v = v_alone + s·(v − v_alone): affine in the scale, 1 = the plain forward, off above history_t_max; the
+    chunk-alone forward writes no K/V."""
+    params, den, table, cond, noise = setup()
+    den = dataclasses.replace(den, discard_duplicate=True)
+
+    def info(c, t):
+        return SlotInfo(chunk=jnp.int32(c), k=jnp.int32(0), t=jnp.float32(t), dt=jnp.float32(0.05),
+                        position=jnp.int32(table.window - 1 - c), window_end=jnp.int32(table.window))
+
+    _, kv = den.forward_chunk(params, cond, jnp.asarray(noise[:, 0]), info(0, 0.6), den.init_kv(1, table.window))
+    x = jnp.asarray(noise[:, 1])
+
+    def run(scale, t_max=1.0):
+        d = dataclasses.replace(den, history_scale=scale, history_t_max=t_max)
+        out, kv_after = d.forward_chunk(params, cond, x, info(1, 0.2), kv)
+        return np.asarray(out.velocity, np.float64), kv_after
+
+    (v1, kv1), (v2, kv2), (v3, _) = run(1.0), run(2.0), run(3.0)
+    assert np.abs(v2 - v1).mean() > 1e-4 * np.abs(v1).mean()  # the history matters to chunk 1
+    np.testing.assert_allclose(v3 - v2, v2 - v1, atol=1e-4 * np.abs(v1).max())
+    for a, b in zip(jax.tree.leaves(kv1), jax.tree.leaves(kv2), strict=True):
+        np.testing.assert_array_equal(a, b)  # the guided run wrote the same K/V as the plain one
+    np.testing.assert_array_equal(run(2.0, t_max=0.1)[0], v1)  # t = 0.2 > t_max: one plain forward
+
+
+def test_history_guidance_passes_are_counted():
+    from models.magi1_flops import count_passes
+
+    _, den, table, _, _ = setup()
+    valid = table.step_valid.reshape(-1)
+    rows = {k: getattr(table, k).reshape(-1, table.window)[valid] for k in ("chunk", "k", "t")}
+    dec = np.where(rows["chunk"] >= 0, 1, -1)
+
+    def kinds(d):
+        out = {}
+        for kind, _ in count_passes(table, d, dec, rows["chunk"], rows["k"], False, rows["t"]):
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
+    plain = kinds(dataclasses.replace(den, discard_duplicate=True))
+    every = kinds(dataclasses.replace(den, discard_duplicate=True, history_scale=1.5))
+    early = kinds(dataclasses.replace(den, discard_duplicate=True, history_scale=1.5, history_t_max=0.3))
+    assert "history_alone" not in plain and every["history_alone"] == every["noisy"] == plain["noisy"]
+    assert early["history_alone"] == int(((rows["chunk"] >= 0) & (rows["t"] <= 0.3)).sum()) < every["noisy"]

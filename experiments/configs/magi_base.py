@@ -28,6 +28,9 @@ def get_base(name: str, policy: str, threshold: float = 0.0, semantics: str = "r
         # unset: follow semantics; true/false overrides (the fork's thr0dup / Physics-IQ runs)
         discard_duplicate=config_dict.placeholder(bool),
         kv_range="full",  # "full" history (FlowCache config) or "official" per-stage ranges [5, 4, 3, 2]
+        # History guidance: v = v_alone + scale·(v − v_alone) while t <= t_max, v_alone a second forward of the chunk
+        # without its history (MAGI-1 base: 1.5 up to t = 0.3; the distilled model: 1 = off, one forward per step).
+        history_guidance=1.0, history_guidance_t_max=1.0,
         key_tile=2048))  # keys per attention tile: bounds the score block to [heads, 12150, 2048]
     c.kv = ml_collections.ConfigDict(dict(
         compress=False,  # FlowCache's KV compression: a fixed buffer of budget_chunks chunks (spec flowcache §4.2)
