@@ -25,6 +25,14 @@ from models.magi1 import Magi1Config
 SPEC = VideoSpec(frames=6, height=16, width=16)
 
 
+def small_setup(chunks: int) -> TrainSetup:
+    """A 1-layer, 32-wide model on 16x16 clips of ``chunks`` chunks of 2 frames: the objective, not its quality."""
+    cfg = dataclasses.replace(Magi1Config.from_upstream(TINY_MODEL, "float32"), num_layers=1, hidden_size=32,
+                              ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1, kv_channels=16)
+    return TrainSetup(cfg, VideoSpec(frames=2 * chunks, height=16, width=16), chunks=chunks, chunk_frames=2,
+                      num_steps=8, window=2)
+
+
 def test_videos_are_deterministic_and_move():
     render_ = jax.jit(render, static_argnums=1)  # one compile, not op-by-op dispatch of three renders
     a, b = render_(jax.random.PRNGKey(3), SPEC), render_(jax.random.PRNGKey(3), SPEC)
@@ -48,10 +56,7 @@ def test_times_are_ordered_like_the_ar_window():
 
 
 def test_training_reduces_the_loss():
-    cfg = dataclasses.replace(Magi1Config.from_upstream(TINY_MODEL, "float32"), num_layers=1, hidden_size=32,
-                              ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1, kv_channels=16)
-    setup = TrainSetup(cfg, VideoSpec(frames=4, height=16, width=16), chunks=2, chunk_frames=2, num_steps=8,
-                       window=2)
+    setup = small_setup(2)
     opt = make_optimizer(60, 3e-3)
     state = init_state(setup, opt, 0)
     keys = jnp.stack([jax.random.PRNGKey(100 + i) for i in range(8)])
@@ -76,10 +81,7 @@ def test_training_reduces_the_loss():
 def test_warm_start_loads_an_exported_model(tmp_path):
     from flowcache_jax import checkpoint
 
-    cfg = dataclasses.replace(Magi1Config.from_upstream(TINY_MODEL, "float32"), num_layers=1, hidden_size=32,
-                              ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1, kv_channels=16)
-    plain = TrainSetup(cfg, VideoSpec(frames=6, height=16, width=16), chunks=3, chunk_frames=2, num_steps=8,
-                       window=2)
+    plain = small_setup(3)
     opt = make_optimizer(10, 1e-3)
     state = init_state(plain, opt, 0)
     # Fine-tuning starts from an exported model's weights, with a fresh optimizer.
