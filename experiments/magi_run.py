@@ -49,7 +49,7 @@ def validate_magi(cfg: ml_collections.ConfigDict) -> None:
     if hs <= 0 or not 0.0 < ht <= 1.0:
         raise ConfigError(f"sampler.history_guidance must be > 0 (1 = off) and sampler.history_guidance_t_max in "
                           f"(0, 1], got {hs} and {ht}")
-    discard = s.semantics != "magi" if s.discard_duplicate is None else bool(s.discard_duplicate)
+    discard = discards_duplicate(s)
     if hs != 1.0 and not discard:
         raise ConfigError("sampler.history_guidance replaces the nearly-clean duplicate's 0.7/0.3 blend (both are "
                           "guidance on the history): set sampler.discard_duplicate=true or history_guidance=1")
@@ -237,6 +237,11 @@ def time_grid(s: ml_collections.ConfigDict) -> np.ndarray:
     return flow_time_grid(s.num_steps, power, shift)
 
 
+def discards_duplicate(s: ml_collections.ConfigDict) -> bool:
+    """Whether the nearly-clean duplicate is dropped: ``sampler.discard_duplicate``, else by the semantics."""
+    return s.semantics != "magi" if s.discard_duplicate is None else bool(s.discard_duplicate)
+
+
 def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
     """The Magi1Denoiser of a config (shared by run, benchmark and flops)."""
     from flowcache_jax.kv.compress import CompressConfig
@@ -244,7 +249,7 @@ def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
 
     s, v = cfg.sampler, cfg.video
     grid = time_grid(s)
-    discard = s.semantics != "magi" if s.discard_duplicate is None else bool(s.discard_duplicate)
+    discard = discards_duplicate(s)
     den = Magi1Denoiser(
         cfg=mcfg, chunk_frames=v.chunk_width, latent_h=v.latent_height, latent_w=v.latent_width,
         n_chunks=n_chunks + prefix_chunks(cfg), prefix_chunks=prefix_chunks(cfg),
