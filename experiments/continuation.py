@@ -3,7 +3,8 @@ r"""How well the embedded default continues a video: PSNR of each generated fram
   python experiments/continuation.py [--config=tiny_vanilla] [--seeds=0,1,2] [--output_dir=outputs/continuation]
 
 The tiny presets continue a procedural clip whose first chunk is given clean (``prefix.source=procedural``); the
-world is deterministic, so the clip's own later frames are the true continuation. Beside the model's PSNR per
+world is deterministic, so the clip's own later frames are the true continuation (``--config.prefix.world=...``
+names another world of the generator's knobs, as ``train_tiny.py --world`` trained it). Beside the model's PSNR per
 frame, the baseline repeats the last given frame: a model that only copies its context scores that. Writes
 ``continuation.json`` (``mean_psnr``, ``min_psnr``, ``baseline_mean_psnr``, per-frame and per-seed figures),
 ``continuation.png`` (true / generated / error rows of the first seed) and ``psnr_per_frame.png``.
@@ -34,7 +35,7 @@ def true_clip(cfg, seed: int) -> np.ndarray:
 
     v = cfg.video
     return np.asarray(clip(seed, (cfg.prefix.chunks + v.num_chunks) * v.chunk_width, v.latent_height,
-                           v.latent_width))
+                           v.latent_width, cfg.prefix.get("world", "")))
 
 
 def frame_psnrs(frames: np.ndarray, truth: np.ndarray) -> np.ndarray:

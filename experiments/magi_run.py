@@ -45,7 +45,7 @@ def validate_magi(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"sampler.clean_t must be in (0, 1], got {s.clean_t}")
     if s.discard_duplicate not in (None, True, False):
         raise ConfigError(f"sampler.discard_duplicate must be true, false or unset, got {s.discard_duplicate!r}")
-    hs, ht = float(s.get("history_guidance", 1.0)), float(s.get("history_guidance_t_max", 1.0))
+    hs, ht = float(s.history_guidance), float(s.history_guidance_t_max)
     if hs <= 0 or not 0.0 < ht <= 1.0:
         raise ConfigError(f"sampler.history_guidance must be > 0 (1 = off) and sampler.history_guidance_t_max in "
                           f"(0, 1], got {hs} and {ht}")
@@ -207,7 +207,10 @@ def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int, clip: np.ndarra
 
         if c != 3:
             raise ConfigError(f"prefix.source=procedural gives RGB frames; the model has in_channels={c}")
-        lat = np.asarray(to_latent(procedural_clip(seed, f, h, w)))
+        try:
+            lat = np.asarray(to_latent(procedural_clip(seed, f, h, w, cfg.prefix.get("world", ""))))
+        except ValueError as e:
+            raise ConfigError(f"prefix.world: {e}") from None
     elif src == "video":
         lat = clip
     elif src == "file":
@@ -257,7 +260,7 @@ def make_denoiser(cfg: ml_collections.ConfigDict, mcfg, n_chunks: int):
         nearly_clean_k=nearly_clean_step(grid), discard_duplicate=discard,
         noise2clean_kvrange=(5, 4, 3, 2) if s.kv_range == "official" else (),
         distill_intervals=tuple(distill_interval_table(s.num_steps, s.shortcut_mode, s.window)), key_tile=s.key_tile,
-        history_scale=float(s.get("history_guidance", 1.0)), history_t_max=float(s.get("history_guidance_t_max", 1.0)))
+        history_scale=float(s.history_guidance), history_t_max=float(s.history_guidance_t_max))
     if cfg.kv.compress:
         comp = CompressConfig(budget=1, mix_lambda=cfg.kv.mix_lambda, kernel=cfg.kv.kernel, min_shift=True)
         den = dataclasses.replace(den, cache_chunks=cfg.kv.budget_chunks, compression=comp,

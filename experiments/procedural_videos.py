@@ -84,10 +84,37 @@ def render(key: jax.Array, spec: VideoSpec) -> jax.Array:
     return jnp.clip(img * light[..., None], -1.0, 1.0)
 
 
-def clip(seed: int, frames: int, height: int, width: int) -> jax.Array:
-    """The default world's clip of a seed, [T, H, W, 3]: what a continuation is given and what it is scored
-    against (one place, so the two cannot disagree)."""
-    return render(jax.random.PRNGKey(seed), VideoSpec(frames=frames, height=height, width=width))
+def world(overrides: str = "") -> dict:
+    """``VideoSpec`` fields from ``"key=value,..."`` (a range as ``lo:hi``, e.g. ``"n_shapes=2,radius=0.16:0.25"``):
+    the same text names the world for training (``train_tiny.py --world``) and for the clips a continuation is
+    given and scored against (``prefix.world``), so the two can be made to agree."""
+    defaults = VideoSpec()
+    out = {}
+    for item in filter(None, (s.strip() for s in overrides.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in VideoSpec.__dataclass_fields__ or key in ("frames", "height", "width"):
+            names = [n for n in VideoSpec.__dataclass_fields__ if n not in ("frames", "height", "width")]
+            raise ValueError(f"world override {item!r}: use key=value with a key of {names}")
+        default = getattr(defaults, key)
+        try:
+            out[key] = (tuple(float(v) for v in value.split(":")) if isinstance(default, tuple)
+                        else type(default)(value))
+        except ValueError:
+            raise ValueError(f"world override {item!r}: {key} takes a {type(default).__name__}"
+                             + (" as lo:hi" if isinstance(default, tuple) else "")) from None
+        if isinstance(default, tuple) and len(out[key]) != len(default):
+            raise ValueError(f"world override {item!r}: {key} takes lo:hi")
+    return out
+
+
+def clip(seed: int, frames: int, height: int, width: int, overrides: str = "") -> jax.Array:
+    """The clip of a seed in the default world (or the one ``overrides`` names, see ``world``), [T, H, W, 3]: what
+    a continuation is given and what it is scored against (one place, so the two cannot disagree)."""
+    spec = VideoSpec(frames=frames, height=height, width=width, **world(overrides))
+    return _render_jit(jax.random.PRNGKey(seed), spec)
+
+
+_render_jit = jax.jit(render, static_argnums=1)  # one compile per world and size, not a few hundred eager ops
 
 
 def batch(key: jax.Array, size: int, spec: VideoSpec) -> jax.Array:

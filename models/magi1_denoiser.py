@@ -222,22 +222,22 @@ class Magi1Denoiser:
         chunk = info.chunk + self.prefix_chunks  # the model's chunk index (RoPE, KV slot) counts the prefix
         v, kv = self._call(params, x, info.t, y, mask, kv, chunk, self._first_key_chunk(chunk, info.k), True, info.k,
                            y_x)
+        # Both guide the chunk by its history: v_alone + s·(v − v_alone), v_alone from the chunk alone at the slot
+        # after the window (it sees only itself). MAGI-1's nearly-clean duplicate blends 0.7 / 0.3 at the last
+        # steps of the window's oldest chunk; history guidance (MAGI-1 base) applies s wherever t <= t_max.
         if self.history_scale != 1.0:
-            def guided(kv):  # the chunk alone at the slot after the window, like the nearly-clean duplicate
-                va, kv = self._call(params, x, info.t, y, mask, kv, info.window_end + self.prefix_chunks, None, False,
-                                    info.k, y_x)
-                return va + self.history_scale * (v - va), kv
-
-            v, kv = jax.lax.cond(info.t <= self.history_t_max, guided, lambda kv: (v, kv), kv)
+            on, scale = info.t <= self.history_t_max, self.history_scale
         elif self.nearly_clean_k is not None and not self.discard_duplicate:
-            dup = (info.position == 0) & (info.k >= self.nearly_clean_k)
+            on, scale = (info.position == 0) & (info.k >= self.nearly_clean_k), self.prev_chunks_scale
+        else:
+            return ChunkOutput(velocity=v, residual=v), kv
 
-            def duplicate(kv):  # same latent, time and caption at the slot after the window, sees only itself
-                vd, kv = self._call(params, x, info.t, y, mask, kv, info.window_end + self.prefix_chunks, None, False,
-                                    info.k, y_x)
-                return self.prev_chunks_scale * v + (1 - self.prev_chunks_scale) * vd, kv
+        def guided(kv):
+            va, kv = self._call(params, x, info.t, y, mask, kv, info.window_end + self.prefix_chunks, None, False,
+                                info.k, y_x)
+            return scale * v + (1 - scale) * va, kv
 
-            v, kv = jax.lax.cond(dup, duplicate, lambda kv: (v, kv), kv)
+        v, kv = jax.lax.cond(on, guided, lambda kv: (v, kv), kv)
         return ChunkOutput(velocity=v, residual=v), kv
 
     @property

@@ -37,6 +37,7 @@ def get_base(name: str, policy: str, threshold: float = 0.0) -> ml_collections.C
     c.policy.reuse = "residual"
     # A continuation, as MAGI-1's video-to-video mode: the first chunk of a procedural clip (of the run's seed)
     # is given clean and the model generates the next num_chunks chunks after it.
-    c.prefix = ml_collections.ConfigDict(dict(chunks=1, source="procedural", file="", video=""))
+    # prefix.world: overrides of the procedural world ("n_shapes=2,..."); the world the checkpoint was trained on.
+    c.prefix = ml_collections.ConfigDict(dict(chunks=1, source="procedural", file="", video="", world=""))
     c.output = ml_collections.ConfigDict(dict(decode="rgb", fps=8, scale=4, per_row=8))  # RGB frames; MP4 fps, upscale
     return c
