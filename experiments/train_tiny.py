@@ -1,6 +1,6 @@
 r"""Train the tiny MAGI-1 on procedural videos (the embedded default's checkpoint), resumable.
 
-  python experiments/train_tiny.py --output_dir=D [--steps=N] [--batch=8] [--max_minutes=45]
+  python experiments/train_tiny.py --output_dir=D [--steps=N] [--batch=8] [--max_minutes=45] [--world=n_shapes=3]
 
 Flow matching in MAGI-1's convention (t = 0 noise, 1 clean, x_t = t·x1 + (1 - t)·x0, target x1 - x0) with
 diffusion forcing: every chunk of a clip has its own noise level, older chunks are cleaner (as in the AR
@@ -27,7 +27,7 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments.configs.tiny_base import TINY_MODEL  # noqa: E402
-from experiments.procedural_videos import VideoSpec, batch, to_latent  # noqa: E402
+from experiments.procedural_videos import VideoSpec, batch, to_latent, world  # noqa: E402
 from models.magi1 import Magi1Config, empty_buffer, forward_call, init_params  # noqa: E402
 
 _OUT = flags.DEFINE_string("output_dir", None, "Folder for train_state/, model/, loss.png (required).")
@@ -47,6 +47,11 @@ _SIZE = flags.DEFINE_integer("size", 32, "Frame height and width.")
 _CTX_NOISE = flags.DEFINE_float("context_noise", 0.05, "Largest noise fraction mixed into clean context chunks.")
 _CTX_BLUR = flags.DEFINE_float("context_blur", 1.0, "Largest blend of clean context chunks towards a blurred copy.")
 _CTX_SELF = flags.DEFINE_float("context_self", 0.0, "Share of clips whose clean context is the model's own estimate.")
+_CTX_KIND = flags.DEFINE_enum("context_self_kind", "predict", ["predict", "denoise"],
+                              "The estimate: 'predict' each context chunk after the first few from noise (the errors "
+                              "a generation makes), 'denoise' the true chunks from a level near the data end.")
+_WORLD = flags.DEFINE_string("world", "", "Overrides of the procedural world, e.g. 'n_shapes=2,radius=0.16:0.25' "
+                             "(the default world otherwise); run the tiny presets with the same prefix.world.")
 _INIT = flags.DEFINE_string("init_from", None, "Start from this exported model folder (fine-tuning) instead of "
                             "random weights; ignored when resuming.")
 
@@ -64,6 +69,7 @@ class TrainSetup:
     context_noise: float = 0.0  # largest noise mixed into clean context chunks (they keep t = 1)
     context_blur: float = 0.0  # largest blend towards a blurred copy of the clean context chunks
     context_self: float = 0.0  # share of clips whose clean context is replaced by the model's own estimate
+    context_self_kind: str = "predict"  # "predict" (self_prediction) or "denoise" (self_estimate)
 
 
 def sample_times(key: jax.Array, chunks: int, window: int) -> jax.Array:
@@ -114,6 +120,28 @@ def self_estimate(forward, params: dict, x1: jax.Array, chunks: int, key: jax.Ar
     return jax.lax.stop_gradient(xt + (1 - ts) * forward(p, xt, jnp.full((chunks,), ts)))
 
 
+def self_prediction(forward, params: dict, x1: jax.Array, ctx: jax.Array, t: jax.Array, chunk_frames: int,
+                    key: jax.Array) -> jax.Array:
+    """The context with its later clean chunks replaced by the model's one-step predictions (no gradient).
+
+    A generated chunk's errors are not noise or blur: the model is nearly blind to those, but a continuation
+    given its own chunk as context loses as much as one given its one-step prediction from pure noise. Here
+    the first ``m`` clean chunks (at least one, like the given prefix) stay true and every later chunk is
+    predicted in one forward from a level in [0, 0.5] (block-causal: from the true chunks and the noisy ones
+    before it), so the clean chunks the loss's chunks see carry the model's own prediction errors.
+    """
+    chunks = t.shape[0]
+    km, kt, kn = jax.random.split(jax.random.fold_in(key, 2), 3)
+    n_clean = jnp.sum(t >= 1.0)
+    m = jax.random.randint(km, (), 1, jnp.maximum(n_clean, 2))
+    keep = jnp.arange(chunks) < m
+    t1 = jnp.where(keep, 1.0, jax.random.uniform(kt, (), maxval=0.5))
+    tf = jnp.repeat(t1, chunk_frames)[None, :, None, None]
+    xt = tf * x1 + (1 - tf) * jax.random.normal(kn, x1.shape)
+    pred = xt + (1 - tf) * forward(jax.lax.stop_gradient(params), xt, t1)
+    return jax.lax.stop_gradient(jnp.where(jnp.repeat(keep, chunk_frames)[None, :, None, None], ctx, pred))
+
+
 def loss_fn(params: dict, setup: TrainSetup, key: jax.Array) -> jax.Array:
     cfg, k_, f = setup.cfg, setup.chunks, setup.chunk_frames
     kd, kt, kn, ka = jax.random.split(key, 4)
@@ -134,8 +162,11 @@ def loss_fn(params: dict, setup: TrainSetup, key: jax.Array) -> jax.Array:
     clean = jnp.repeat(t >= 1.0, f)[None, :, None, None]
     ctx = x1 + setup.context_blur * jax.random.uniform(kb) * (blur(x1) - x1)
     if setup.context_self > 0:  # a one-step scheduled sampling: the context carries the model's own errors
-        ctx = jax.lax.cond(jax.random.uniform(ks) < setup.context_self,
-                           lambda: self_estimate(forward, params, x1, k_, ks), lambda: ctx)
+        if setup.context_self_kind == "predict":
+            estimate = lambda: self_prediction(forward, params, x1, ctx, t, f, ks)  # noqa: E731
+        else:
+            estimate = lambda: self_estimate(forward, params, x1, k_, ks)  # noqa: E731
+        ctx = jax.lax.cond(jax.random.uniform(ks) < setup.context_self, estimate, lambda: ctx)
     x1_ctx = jnp.where(clean, ctx, x1)
     t_in = jnp.where(t >= 1.0, 1.0 - setup.context_noise * jax.random.uniform(ka), t)
     tf = jnp.repeat(t_in, f)[None, :, None, None]
@@ -224,10 +255,14 @@ def main(argv: list[str]) -> None:
     if not _OUT.value:
         raise app.UsageError("--output_dir is required")
     out = Path(_OUT.value).resolve()
-    spec = VideoSpec(frames=_CHUNKS.value * _CHUNK_FRAMES.value, height=_SIZE.value, width=_SIZE.value)
+    try:
+        overrides = world(_WORLD.value)
+    except ValueError as e:
+        raise app.UsageError(f"--world: {e}") from None
+    spec = VideoSpec(frames=_CHUNKS.value * _CHUNK_FRAMES.value, height=_SIZE.value, width=_SIZE.value, **overrides)
     cfg = Magi1Config.from_upstream(TINY_MODEL, "float32")
     setup = TrainSetup(cfg, spec, _CHUNKS.value, _CHUNK_FRAMES.value, _NUM_STEPS.value, _WINDOW.value,
-                       _CTX_NOISE.value, _CTX_BLUR.value, _CTX_SELF.value)
+                       _CTX_NOISE.value, _CTX_BLUR.value, _CTX_SELF.value, _CTX_KIND.value)
     log_path = out / "train_log.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     losses: list[float] = log.get("losses", [])
@@ -285,7 +320,8 @@ def main(argv: list[str]) -> None:
                          "chunk_frames": _CHUNK_FRAMES.value, "size": _SIZE.value, "lr": _LR.value,
                          "seed": _SEED.value, "num_steps": _NUM_STEPS.value, "window": _WINDOW.value,
                          "context_noise": _CTX_NOISE.value, "context_blur": _CTX_BLUR.value,
-                         "context_self": _CTX_SELF.value, "init_from": _INIT.value, "total_steps": total,
+                         "context_self": _CTX_SELF.value, "context_self_kind": _CTX_KIND.value,
+                         "init_from": _INIT.value, "total_steps": total,
                          "world": dataclasses.asdict(spec),
                          "final_loss_mean100": final, "weights": "ema(0.999, warm-up (1+n)/(10+n))",
                          "wall_minutes_this_run": (time.perf_counter() - t0) / 60}}

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from experiments.configs.tiny_base import TINY_MODEL
-from experiments.procedural_videos import VideoSpec, batch, from_latent, render, to_latent
+from experiments.procedural_videos import VideoSpec, batch, clip, from_latent, render, to_latent, world
 from experiments.train_tiny import (
     TrainSetup,
     fit_steps,
@@ -18,6 +19,7 @@ from experiments.train_tiny import (
     make_step,
     sample_times,
     self_estimate,
+    self_prediction,
     warm_start,
 )
 from models.magi1 import Magi1Config
@@ -45,6 +47,21 @@ def test_videos_are_deterministic_and_move():
     v = batch(jax.random.PRNGKey(0), 3, SPEC)
     np.testing.assert_array_equal(from_latent(to_latent(v)), v)
     assert to_latent(v).shape == (3, 3, 6, 16, 16)
+
+
+def test_world_overrides_name_a_world():
+    assert world("") == {}
+    assert world("n_shapes=2, radius=0.16:0.25,max_speed=0.05") == {"n_shapes": 2, "radius": (0.16, 0.25),
+                                                                    "max_speed": 0.05}
+    a, b = clip(3, 2, 16, 16), clip(3, 2, 16, 16, "n_shapes=0")  # same seed, no shapes: only the background
+    assert float(jnp.abs(a - b).max()) > 0.1
+    want = jax.jit(render, static_argnums=1)(jax.random.PRNGKey(3), VideoSpec(frames=2, height=16, width=16,
+                                                                             n_shapes=0))
+    np.testing.assert_array_equal(b, want)
+    for bad, said in [("nshapes=2", "use key=value"), ("n_shapes", "use key=value"), ("frames=4", "use key=value"),
+                      ("n_shapes=two", "takes a int"), ("radius=0.2", "lo:hi"), ("radius=a:b", "lo:hi")]:
+        with pytest.raises(ValueError, match=said):
+            world(bad)
 
 
 def test_times_are_ordered_like_the_ar_window():
@@ -93,6 +110,30 @@ def test_fit_steps():
 
 
 
+def test_self_prediction_keeps_the_first_chunks_and_predicts_the_rest_without_gradient():
+    x1 = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 8))  # 4 chunks of 2 frames
+    ctx = x1 + 1.0  # the augmented context, told apart from the clip
+    t = jnp.array([1.0, 1.0, 1.0, 0.2])  # three clean chunks: 1 or 2 stay true
+    fake = lambda p, x, tt: p["w"] * jnp.ones_like(x) + 0 * tt[0]  # noqa: E731
+    pred = jax.jit(lambda p, k: self_prediction(fake, p, x1, ctx, t, 2, k))
+    kept = set()
+    for i in range(12):
+        out = np.asarray(pred({"w": jnp.float32(2.0)}, jax.random.PRNGKey(i)))
+        same = [np.array_equal(out[:, 2 * c:2 * c + 2], np.asarray(ctx[:, 2 * c:2 * c + 2])) for c in range(4)]
+        m = same.index(False)
+        assert m in (1, 2) and not any(same[m:]), same  # a true prefix, then predictions only
+        kept.add(m)
+        # x̂1 = x_τ + (1 - τ)·2 with x_τ = τ·x1 + (1 - τ)·ε, τ in [0, 0.5]: far from the clip, not the clip itself
+        err = np.abs(out[:, 2 * m:] - np.asarray(x1[:, 2 * m:])).mean()
+        assert 0.3 < err < 4.0, err
+    assert kept == {1, 2}
+    grad = jax.grad(lambda w: jnp.sum(pred({"w": w}, jax.random.PRNGKey(0))))(jnp.float32(2.0))
+    assert float(grad) == 0.0
+    one = np.asarray(self_prediction(fake, {"w": jnp.float32(2.0)}, x1, ctx, jnp.array([1.0, 0.5, 0.2, 0.1]), 2,
+                                     jax.random.PRNGKey(0)))
+    np.testing.assert_array_equal(one[:, :2], ctx[:, :2])  # one clean chunk: it stays, the given prefix
+
+
 def test_self_context_is_the_models_one_step_estimate_without_gradient():
     x1 = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 8, 8))
     fake = lambda p, x, t: p["w"] * jnp.ones_like(x) + 0 * t[0]  # a velocity of p["w"] everywhere  # noqa: E731
@@ -109,5 +150,9 @@ def test_self_context_is_the_models_one_step_estimate_without_gradient():
     params["final"] = jax.tree.map(lambda a: a + 0.05, params["final"])  # a non-zero velocity
     key = next(k for k in (jax.random.PRNGKey(i) for i in range(50))
                if float(sample_times(jax.random.split(k, 4)[1], 3, 2)[0]) >= 1.0)  # chunk 0 is clean context
-    own = dataclasses.replace(setup, context_self=1.0)
+    own = dataclasses.replace(setup, context_self=1.0, context_self_kind="denoise")
     assert abs(float(loss_fn(params, own, key)) - float(loss_fn(params, setup, key))) > 1e-6
+    two = next(k for k in (jax.random.PRNGKey(i) for i in range(200))
+               if float(sample_times(jax.random.split(k, 4)[1], 3, 2)[1]) >= 1.0)  # chunks 0 and 1 clean
+    pred = dataclasses.replace(setup, context_self=1.0, context_self_kind="predict")  # chunk 1 becomes a prediction
+    assert abs(float(loss_fn(params, pred, two)) - float(loss_fn(params, setup, two))) > 1e-6
