@@ -21,21 +21,12 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments import common  # noqa: E402
+from experiments import common, magi_run  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset name (a tiny_* preset) or .py file.")
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds to continue (default: the config's seed).")
 _OUT = flags.DEFINE_string("output_dir", "outputs/continuation", "Output folder.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-
-
-def true_clip(cfg, seed: int) -> np.ndarray:
-    """The whole procedural clip of a seed, [T, H, W, 3] in [-1, 1]: the given chunks, then the true continuation."""
-    from experiments.procedural_videos import clip
-
-    v = cfg.video
-    return np.asarray(clip(seed, (cfg.prefix.chunks + v.num_chunks) * v.chunk_width, v.latent_height,
-                           v.latent_width, cfg.prefix.get("world", "")))
 
 
 def frame_psnrs(frames: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -88,7 +79,7 @@ def main(argv: list[str]) -> None:
         res, _ = run.sample(progress=False, seed=seed, decode=False)
         gen = run.frames(res.video)
         gen = gen.reshape(-1, *gen.shape[-3:])
-        clip = true_clip(cfg, seed)
+        clip = magi_run.procedural_truth(cfg, seed)
         truth = clip[given:given + len(gen)]
         model.append(frame_psnrs(gen, truth))
         base.append(frame_psnrs(np.repeat(clip[given - 1:given], len(truth), 0), truth))

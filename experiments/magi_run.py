@@ -192,6 +192,19 @@ def encode_clip(cfg: ml_collections.ConfigDict, decoder) -> tuple[ml_collections
     return cfg, decoder.encode_video(frames[-chunks * per_chunk:])
 
 
+def procedural_truth(cfg: ml_collections.ConfigDict, seed: int) -> np.ndarray:
+    """The whole procedural clip a ``prefix.source=procedural`` run continues, [T, H, W, 3] in [-1, 1]: the given
+    chunks (what ``load_prefix`` encodes), then the true continuation, in the run's ``prefix.world``."""
+    from experiments.procedural_videos import clip as procedural_clip
+
+    v = cfg.video
+    try:
+        return np.asarray(procedural_clip(seed, (prefix_chunks(cfg) + v.num_chunks) * v.chunk_width,
+                                          v.latent_height, v.latent_width, cfg.prefix.get("world", "")))
+    except ValueError as e:
+        raise ConfigError(f"prefix.world: {e}") from None
+
+
 def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int, clip: np.ndarray | None = None
                 ) -> np.ndarray | None:
     """The clean chunks a video continues, [p, C, F, H, W]: a procedural clip of ``seed``, a latent file or a clip
@@ -202,15 +215,11 @@ def load_prefix(cfg: ml_collections.ConfigDict, mcfg, seed: int, clip: np.ndarra
     v, src = cfg.video, cfg.prefix.source
     c, f, h, w = mcfg.in_channels, p * v.chunk_width, v.latent_height, v.latent_width
     if src == "procedural":
-        from experiments.procedural_videos import clip as procedural_clip
         from experiments.procedural_videos import to_latent
 
         if c != 3:
             raise ConfigError(f"prefix.source=procedural gives RGB frames; the model has in_channels={c}")
-        try:
-            lat = np.asarray(to_latent(procedural_clip(seed, f, h, w, cfg.prefix.get("world", ""))))
-        except ValueError as e:
-            raise ConfigError(f"prefix.world: {e}") from None
+        lat = np.asarray(to_latent(procedural_truth(cfg, seed)[:f]))
     elif src == "video":
         lat = clip
     elif src == "file":

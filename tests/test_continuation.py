@@ -55,9 +55,8 @@ def test_prefix_world_names_the_clip_a_continuation_is_given():
     import pytest
 
     from experiments.configs.tiny_vanilla import get_config
-    from experiments.continuation import true_clip
     from experiments.errors import ConfigError
-    from experiments.magi_run import load_prefix
+    from experiments.magi_run import load_prefix, procedural_truth
     from experiments.procedural_videos import to_latent
 
     cfg = get_config()
@@ -66,7 +65,7 @@ def test_prefix_world_names_the_clip_a_continuation_is_given():
     cfg.prefix.world = "n_shapes=0"  # the same seed's background alone
     other = load_prefix(cfg, mcfg, 0)
     assert default.shape == other.shape and np.abs(default - other).max() > 0.1
-    truth = to_latent(true_clip(cfg, 0))  # what it is scored against: the same world, the given frames first
+    truth = to_latent(procedural_truth(cfg, 0))  # what it is scored against: the same world, the given frames first
     np.testing.assert_array_equal(other[0], np.asarray(truth)[:, :cfg.video.chunk_width])
     cfg.prefix.world = "shapes=2"
     with pytest.raises(ConfigError, match="prefix.world: world override 'shapes=2': use key=value"):
