@@ -89,11 +89,11 @@ def world(overrides: str = "") -> dict:
     the same text names the world for training (``train_tiny.py --world``) and for the clips a continuation is
     given and scored against (``prefix.world``), so the two can be made to agree."""
     defaults = VideoSpec()
+    names = [n for n in VideoSpec.__dataclass_fields__ if n not in ("frames", "height", "width")]  # sizes: the run's
     out = {}
     for item in filter(None, (s.strip() for s in overrides.split(","))):
         key, sep, value = item.partition("=")
-        if not sep or key not in VideoSpec.__dataclass_fields__ or key in ("frames", "height", "width"):
-            names = [n for n in VideoSpec.__dataclass_fields__ if n not in ("frames", "height", "width")]
+        if not sep or key not in names:
             raise ValueError(f"world override {item!r}: use key=value with a key of {names}")
         default = getattr(defaults, key)
         try:

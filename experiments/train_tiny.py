@@ -93,6 +93,11 @@ def sample_times(key: jax.Array, chunks: int, window: int) -> jax.Array:
     return jnp.where(jnp.arange(chunks) < n_clean, 1.0, t)
 
 
+def per_frame(a: jax.Array, chunk_frames: int) -> jax.Array:
+    """A per-chunk value [chunks] as [1, frames, 1, 1], to broadcast over a clip [C, frames, H, W]."""
+    return jnp.repeat(a, chunk_frames)[None, :, None, None]
+
+
 def blur(x: jax.Array) -> jax.Array:
     """[1, 2, 1] / 4 over the last two (spatial) axes, edges repeated: the softness of a generated frame."""
     for ax in (-2, -1):
@@ -136,10 +141,10 @@ def self_prediction(forward, params: dict, x1: jax.Array, ctx: jax.Array, t: jax
     m = jax.random.randint(km, (), 1, jnp.maximum(n_clean, 2))
     keep = jnp.arange(chunks) < m
     t1 = jnp.where(keep, 1.0, jax.random.uniform(kt, (), maxval=0.5))
-    tf = jnp.repeat(t1, chunk_frames)[None, :, None, None]
+    tf = per_frame(t1, chunk_frames)
     xt = tf * x1 + (1 - tf) * jax.random.normal(kn, x1.shape)
     pred = xt + (1 - tf) * forward(jax.lax.stop_gradient(params), xt, t1)
-    return jax.lax.stop_gradient(jnp.where(jnp.repeat(keep, chunk_frames)[None, :, None, None], ctx, pred))
+    return jax.lax.stop_gradient(jnp.where(per_frame(keep, chunk_frames), ctx, pred))
 
 
 def loss_fn(params: dict, setup: TrainSetup, key: jax.Array) -> jax.Array:
@@ -159,7 +164,7 @@ def loss_fn(params: dict, setup: TrainSetup, key: jax.Array) -> jax.Array:
     mask = jnp.ones(y.shape[:2], jnp.float32)
     forward = lambda p, x, tt: forward_call(cfg, p, x, tt, y, mask, kv_range, empty_buffer(cfg, 1), 0,
                                             setup.num_steps, 0)[0]
-    clean = jnp.repeat(t >= 1.0, f)[None, :, None, None]
+    clean = per_frame(t >= 1.0, f)
     ctx = x1 + setup.context_blur * jax.random.uniform(kb) * (blur(x1) - x1)
     if setup.context_self > 0:  # a one-step scheduled sampling: the context carries the model's own errors
         if setup.context_self_kind == "predict":
@@ -169,7 +174,7 @@ def loss_fn(params: dict, setup: TrainSetup, key: jax.Array) -> jax.Array:
         ctx = jax.lax.cond(jax.random.uniform(ks) < setup.context_self, estimate, lambda: ctx)
     x1_ctx = jnp.where(clean, ctx, x1)
     t_in = jnp.where(t >= 1.0, 1.0 - setup.context_noise * jax.random.uniform(ka), t)
-    tf = jnp.repeat(t_in, f)[None, :, None, None]
+    tf = per_frame(t_in, f)
     xt = tf * x1_ctx + (1 - tf) * x0
     vel = forward(params, xt, t)
     err = jnp.square(vel - (x1 - x0)).reshape(x1.shape[0], k_, -1).mean((0, 2))

@@ -11,11 +11,11 @@ def pass_flops(mcfg, ctn: int, keys: int, caption_tokens: int) -> dict[str, floa
                                   ctn, keys, caption_tokens, mcfg.gated_linear_unit)
 
 
-def count_passes(table, den, decisions, chunks, ks, reencode: bool, ts=None) -> list[tuple[str, int]]:
+def count_passes(table, den, decisions, chunks, ks, reencode: bool, ts) -> list[tuple[str, int]]:
     """(kind, key chunks) of every chunk pass a run makes: computed chunks, duplicates, history guidance's chunk-alone
     passes (``ts``: each slot's time), clean re-encodes."""
     out = []
-    guided = getattr(den, "history_scale", 1.0) != 1.0
+    guided = den.history_scale != 1.0
     steps_k = len(den.noise2clean_kvrange)
     dup_k = den.nearly_clean_k if not den.discard_duplicate and den.nearly_clean_k is not None else None
     for g in range(decisions.shape[0]):
@@ -26,7 +26,7 @@ def count_passes(table, den, decisions, chunks, ks, reencode: bool, ts=None) -> 
             n_keys = c + 1 if not steps_k else min(c + 1, den.noise2clean_kvrange[min(ks[g, j] // den.steps_per_stage,
                                                                                           steps_k - 1)])
             out.append(("noisy", n_keys))
-            if guided and ts is not None and ts[g, j] <= den.history_t_max:
+            if guided and ts[g, j] <= den.history_t_max:
                 out.append(("history_alone", 1))
             elif j == 0 and dup_k is not None and ks[g, j] >= dup_k:
                 out.append(("duplicate", 1))
