@@ -47,9 +47,11 @@ _SIZE = flags.DEFINE_integer("size", 32, "Frame height and width.")
 _CTX_NOISE = flags.DEFINE_float("context_noise", 0.05, "Largest noise fraction mixed into clean context chunks.")
 _CTX_BLUR = flags.DEFINE_float("context_blur", 1.0, "Largest blend of clean context chunks towards a blurred copy.")
 _CTX_SELF = flags.DEFINE_float("context_self", 0.0, "Share of clips whose clean context is the model's own estimate.")
-_CTX_KIND = flags.DEFINE_enum("context_self_kind", "predict", ["predict", "denoise"],
+_CTX_KIND = flags.DEFINE_enum("context_self_kind", "predict", ["predict", "denoise", "rollout"],
                               "The estimate: 'predict' each context chunk after the first few from noise (the errors "
-                              "a generation makes), 'denoise' the true chunks from a level near the data end.")
+                              "a generation makes), 'denoise' the true chunks from a level near the data end, "
+                              "'rollout' the last clean chunk generated from pure noise in --rollout_steps steps.")
+_ROLL_STEPS = flags.DEFINE_integer("rollout_steps", 8, "Euler steps of a --context_self_kind=rollout generation.")
 _WORLD = flags.DEFINE_string("world", "", "Overrides of the procedural world, e.g. 'n_shapes=2,radius=0.16:0.25' "
                              "(the default world otherwise); run the tiny presets with the same prefix.world.")
 _INIT = flags.DEFINE_string("init_from", None, "Start from this exported model folder (fine-tuning) instead of "
@@ -69,7 +71,8 @@ class TrainSetup:
     context_noise: float = 0.0  # largest noise mixed into clean context chunks (they keep t = 1)
     context_blur: float = 0.0  # largest blend towards a blurred copy of the clean context chunks
     context_self: float = 0.0  # share of clips whose clean context is replaced by the model's own estimate
-    context_self_kind: str = "predict"  # "predict" (self_prediction) or "denoise" (self_estimate)
+    context_self_kind: str = "predict"  # "predict" (self_prediction), "denoise" (self_estimate), "rollout"
+    rollout_steps: int = 8  # Euler steps of the "rollout" kind's generated chunk (self_rollout)
 
 
 def sample_times(key: jax.Array, chunks: int, window: int) -> jax.Array:
@@ -115,8 +118,7 @@ def self_estimate(forward, params: dict, x1: jax.Array, chunks: int, key: jax.Ar
 
     At inference a chunk's context is what the model generated, with the model's own artefacts (blur, colour
     noise per patch), not a rendered clip; one denoising step from a random level near the data end gives a
-    context with those artefacts for one forward without backward per clip (under the batch vmap the
-    ``lax.cond`` that picks it runs both branches, so it costs that on every clip: about +40 % per step).
+    context with those artefacts for one forward without backward per clip.
     """
     kt, kn = jax.random.split(jax.random.fold_in(key, 1))
     ts = jax.random.uniform(kt, (), minval=0.6, maxval=0.97)
@@ -147,7 +149,40 @@ def self_prediction(forward, params: dict, x1: jax.Array, ctx: jax.Array, t: jax
     return jax.lax.stop_gradient(jnp.where(per_frame(keep, chunk_frames), ctx, pred))
 
 
-def loss_fn(params: dict, setup: TrainSetup, key: jax.Array) -> jax.Array:
+def rollout_grid(steps: int) -> jax.Array:
+    """``steps + 1`` levels from noise (0) to data (1), MAGI-1's square + shift 3 like the sampling grid."""
+    u2 = jnp.square(jnp.linspace(0.0, 1.0, steps + 1))
+    return (u2 / 3.0) / (1.0 - u2 * (2.0 / 3.0))
+
+
+def self_rollout(forward, params: dict, ctx: jax.Array, t: jax.Array, chunk_frames: int, steps: int,
+                 key: jax.Array) -> jax.Array:
+    """The context with its last clean chunk replaced by the model's own ``steps``-step generation (no gradient).
+
+    What a continuation amplifies is the error of a chunk the model generated itself, which a one-step
+    prediction carries only in part: here the last clean chunk (when at least two are clean, so one true chunk
+    stays, like the given prefix) is sampled from pure noise with Euler steps on the sampling grid, from the true
+    chunks before it (block-causal: the noisy chunks after it do not reach it), as at inference.
+    """
+    chunks = t.shape[0]
+    n_clean = jnp.sum(t >= 1.0)
+    g = jnp.where(n_clean >= 2, n_clean - 1, chunks)  # the generated chunk; none (index past the end) if < 2 clean
+    keep = per_frame(jnp.arange(chunks) < g, chunk_frames)
+    grid = rollout_grid(steps)
+    p = jax.lax.stop_gradient(params)
+
+    def euler(x: jax.Array, i: jax.Array) -> tuple[jax.Array, None]:
+        tt = jnp.where(jnp.arange(chunks) < g, 1.0, grid[i])
+        return jnp.where(keep, ctx, x + (grid[i + 1] - grid[i]) * forward(p, x, tt)), None
+
+    x = jnp.where(keep, ctx, jax.random.normal(jax.random.fold_in(key, 3), ctx.shape))
+    x, _ = jax.lax.scan(euler, x, jnp.arange(steps))
+    return jax.lax.stop_gradient(jnp.where(per_frame(jnp.arange(chunks) == g, chunk_frames), x, ctx))
+
+
+def loss_fn(params: dict, setup: TrainSetup, key: jax.Array, own: bool | None = None) -> jax.Array:
+    """The flow-matching loss of one clip; ``own`` (static) says whether its clean context is the model's own
+    (``context_self_kind``), by default for every clip when ``context_self`` > 0 (``make_step`` splits a batch)."""
     cfg, k_, f = setup.cfg, setup.chunks, setup.chunk_frames
     kd, kt, kn, ka = jax.random.split(key, 4)
     x1 = to_latent(batch(kd, 1, setup.spec))[0]  # [C, T, H, W]
@@ -166,12 +201,13 @@ def loss_fn(params: dict, setup: TrainSetup, key: jax.Array) -> jax.Array:
                                             setup.num_steps, 0)[0]
     clean = per_frame(t >= 1.0, f)
     ctx = x1 + setup.context_blur * jax.random.uniform(kb) * (blur(x1) - x1)
-    if setup.context_self > 0:  # a one-step scheduled sampling: the context carries the model's own errors
+    if setup.context_self > 0 if own is None else own:  # scheduled sampling: the context has the model's errors
         if setup.context_self_kind == "predict":
-            estimate = lambda: self_prediction(forward, params, x1, ctx, t, f, ks)  # noqa: E731
+            ctx = self_prediction(forward, params, x1, ctx, t, f, ks)
+        elif setup.context_self_kind == "rollout":
+            ctx = self_rollout(forward, params, ctx, t, f, setup.rollout_steps, ks)
         else:
-            estimate = lambda: self_estimate(forward, params, x1, k_, ks)  # noqa: E731
-        ctx = jax.lax.cond(jax.random.uniform(ks) < setup.context_self, estimate, lambda: ctx)
+            ctx = self_estimate(forward, params, x1, k_, ks)
     x1_ctx = jnp.where(clean, ctx, x1)
     t_in = jnp.where(t >= 1.0, 1.0 - setup.context_noise * jax.random.uniform(ka), t)
     tf = per_frame(t_in, f)
@@ -190,10 +226,16 @@ def make_optimizer(steps: int, lr: float) -> optax.GradientTransformation:
 def make_step(setup: TrainSetup, opt: optax.GradientTransformation, batch_size: int, ema_decay: float = 0.999):
     fixed = init_params(setup.cfg, jax.random.PRNGKey(0))  # only its (deterministic) frozen tables are used
 
+    n_own = round(setup.context_self * batch_size)  # a static share of each batch: no both-branch cond under vmap
+
+    def batch_loss(p: dict, keys: jax.Array) -> jax.Array:
+        own = jax.vmap(lambda k: loss_fn(p, setup, k, True))(keys[:n_own]) if n_own else jnp.zeros((0,))
+        rest = jax.vmap(lambda k: loss_fn(p, setup, k, False))(keys[n_own:]) if n_own < batch_size else own[:0]
+        return jnp.concatenate([own, rest]).mean()
+
     def step(state: dict, key: jax.Array) -> tuple[dict, jax.Array]:
         keys = jax.random.split(key, batch_size)
-        loss, grads = jax.value_and_grad(lambda p: jax.vmap(lambda k: loss_fn(p, setup, k))(keys).mean())(
-            state["params"])
+        loss, grads = jax.value_and_grad(batch_loss)(state["params"], keys)
         grads = {k: (jax.tree.map(jnp.zeros_like, v) if k in FROZEN else v) for k, v in grads.items()}
         updates, opt_state = opt.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -267,7 +309,8 @@ def main(argv: list[str]) -> None:
     spec = VideoSpec(frames=_CHUNKS.value * _CHUNK_FRAMES.value, height=_SIZE.value, width=_SIZE.value, **overrides)
     cfg = Magi1Config.from_upstream(TINY_MODEL, "float32")
     setup = TrainSetup(cfg, spec, _CHUNKS.value, _CHUNK_FRAMES.value, _NUM_STEPS.value, _WINDOW.value,
-                       _CTX_NOISE.value, _CTX_BLUR.value, _CTX_SELF.value, _CTX_KIND.value)
+                       _CTX_NOISE.value, _CTX_BLUR.value, _CTX_SELF.value, _CTX_KIND.value,
+                       _ROLL_STEPS.value)
     log_path = out / "train_log.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     losses: list[float] = log.get("losses", [])
@@ -326,6 +369,7 @@ def main(argv: list[str]) -> None:
                          "seed": _SEED.value, "num_steps": _NUM_STEPS.value, "window": _WINDOW.value,
                          "context_noise": _CTX_NOISE.value, "context_blur": _CTX_BLUR.value,
                          "context_self": _CTX_SELF.value, "context_self_kind": _CTX_KIND.value,
+                         **({"rollout_steps": _ROLL_STEPS.value} if _CTX_KIND.value == "rollout" else {}),
                          "init_from": _INIT.value, "total_steps": total,
                          "world": dataclasses.asdict(spec),
                          "final_loss_mean100": final, "weights": "ema(0.999, warm-up (1+n)/(10+n))",

@@ -20,6 +20,7 @@ from experiments.train_tiny import (
     sample_times,
     self_estimate,
     self_prediction,
+    self_rollout,
     warm_start,
 )
 from models.magi1 import Magi1Config
@@ -134,6 +135,24 @@ def test_self_prediction_keeps_the_first_chunks_and_predicts_the_rest_without_gr
     np.testing.assert_array_equal(one[:, :2], ctx[:, :2])  # one clean chunk: it stays, the given prefix
 
 
+def test_self_rollout_generates_the_last_clean_chunk_from_noise_without_gradient():
+    ctx = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 8))  # 4 chunks of 2 frames
+    seen = []
+    fake = lambda p, x, tt: (seen.append(tt.shape), p["w"] * jnp.ones_like(x) + 0 * tt[0])[1]  # noqa: E731
+    roll = jax.jit(lambda p, t: self_rollout(fake, p, ctx, t, 2, 5, jax.random.PRNGKey(1)))
+    out = np.asarray(roll({"w": jnp.float32(2.0)}, jnp.array([1.0, 1.0, 1.0, 0.3])))
+    np.testing.assert_array_equal(out[:, :4], ctx[:, :4])  # the chunks before it stay true
+    np.testing.assert_array_equal(out[:, 6:], ctx[:, 6:])  # the noisy chunk after it is the loss's business
+    # Euler from pure noise over the whole grid (0 -> 1) with v = 2 ends at ε + 2: a sample, not the context.
+    gen = out[:, 4:6]
+    assert abs(float(gen.mean()) - 2.0) < 0.2 and 0.8 < float(gen.std()) < 1.2
+    assert float(np.abs(gen - np.asarray(ctx[:, 4:6])).mean()) > 1.0
+    for t in ([1.0, 0.5, 0.2, 0.1], [0.9, 0.5, 0.2, 0.1]):  # fewer than two clean chunks: nothing to replace
+        np.testing.assert_array_equal(roll({"w": jnp.float32(2.0)}, jnp.array(t)), ctx)
+    grad = jax.grad(lambda w: jnp.sum(roll({"w": w}, jnp.array([1.0, 1.0, 0.5, 0.3]))))(jnp.float32(2.0))
+    assert float(grad) == 0.0
+
+
 def test_self_context_is_the_models_one_step_estimate_without_gradient():
     x1 = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 8, 8))
     fake = lambda p, x, t: p["w"] * jnp.ones_like(x) + 0 * t[0]  # a velocity of p["w"] everywhere  # noqa: E731
@@ -156,3 +175,6 @@ def test_self_context_is_the_models_one_step_estimate_without_gradient():
                if float(sample_times(jax.random.split(k, 4)[1], 3, 2)[1]) >= 1.0)  # chunks 0 and 1 clean
     pred = dataclasses.replace(setup, context_self=1.0, context_self_kind="predict")  # chunk 1 becomes a prediction
     assert abs(float(loss_fn(params, pred, two)) - float(loss_fn(params, setup, two))) > 1e-6
+    roll = dataclasses.replace(pred, context_self_kind="rollout", rollout_steps=2)  # chunk 1 becomes a generation
+    assert abs(float(loss_fn(params, roll, two)) - float(loss_fn(params, setup, two))) > 1e-6
+    assert float(loss_fn(params, roll, two, False)) == pytest.approx(float(loss_fn(params, setup, two)))
