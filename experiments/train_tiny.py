@@ -28,6 +28,7 @@ from absl import app, flags  # noqa: E402
 
 from experiments.configs.tiny_base import TINY_MODEL  # noqa: E402
 from experiments.procedural_videos import VideoSpec, batch, to_latent, world  # noqa: E402
+from flowcache_jax.schedules import flow_time_grid  # noqa: E402
 from models.magi1 import Magi1Config, empty_buffer, forward_call, init_params  # noqa: E402
 
 _OUT = flags.DEFINE_string("output_dir", None, "Folder for train_state/, model/, loss.png (required).")
@@ -149,12 +150,6 @@ def self_prediction(forward, params: dict, x1: jax.Array, ctx: jax.Array, t: jax
     return jax.lax.stop_gradient(jnp.where(per_frame(keep, chunk_frames), ctx, pred))
 
 
-def rollout_grid(steps: int) -> jax.Array:
-    """``steps + 1`` levels from noise (0) to data (1), MAGI-1's square + shift 3 like the sampling grid."""
-    u2 = jnp.square(jnp.linspace(0.0, 1.0, steps + 1))
-    return (u2 / 3.0) / (1.0 - u2 * (2.0 / 3.0))
-
-
 def self_rollout(forward, params: dict, ctx: jax.Array, t: jax.Array, chunk_frames: int, steps: int,
                  key: jax.Array) -> jax.Array:
     """The context with its last clean chunk replaced by the model's own ``steps``-step generation (no gradient).
@@ -167,12 +162,13 @@ def self_rollout(forward, params: dict, ctx: jax.Array, t: jax.Array, chunk_fram
     chunks = t.shape[0]
     n_clean = jnp.sum(t >= 1.0)
     g = jnp.where(n_clean >= 2, n_clean - 1, chunks)  # the generated chunk; none (index past the end) if < 2 clean
-    keep = per_frame(jnp.arange(chunks) < g, chunk_frames)
-    grid = rollout_grid(steps)
+    before = jnp.arange(chunks) < g
+    keep = per_frame(before, chunk_frames)
+    grid = jnp.asarray(flow_time_grid(steps))  # the sampling grid's levels: MAGI-1's square + shift 3
     p = jax.lax.stop_gradient(params)
 
     def euler(x: jax.Array, i: jax.Array) -> tuple[jax.Array, None]:
-        tt = jnp.where(jnp.arange(chunks) < g, 1.0, grid[i])
+        tt = jnp.where(before, 1.0, grid[i])
         return jnp.where(keep, ctx, x + (grid[i + 1] - grid[i]) * forward(p, x, tt)), None
 
     x = jnp.where(keep, ctx, jax.random.normal(jax.random.fold_in(key, 3), ctx.shape))
@@ -229,9 +225,9 @@ def make_step(setup: TrainSetup, opt: optax.GradientTransformation, batch_size: 
     n_own = round(setup.context_self * batch_size)  # a static share of each batch: no both-branch cond under vmap
 
     def batch_loss(p: dict, keys: jax.Array) -> jax.Array:
-        own = jax.vmap(lambda k: loss_fn(p, setup, k, True))(keys[:n_own]) if n_own else jnp.zeros((0,))
-        rest = jax.vmap(lambda k: loss_fn(p, setup, k, False))(keys[n_own:]) if n_own < batch_size else own[:0]
-        return jnp.concatenate([own, rest]).mean()
+        parts = [jax.vmap(lambda k, own=own: loss_fn(p, setup, k, own))(ks)
+                 for own, ks in ((True, keys[:n_own]), (False, keys[n_own:])) if len(ks)]
+        return jnp.concatenate(parts).mean()
 
     def step(state: dict, key: jax.Array) -> tuple[dict, jax.Array]:
         keys = jax.random.split(key, batch_size)
