@@ -7,7 +7,10 @@ world is deterministic, so the clip's own later frames are the true continuation
 names another world of the generator's knobs, as ``train_tiny.py --world`` trained it). Beside the model's PSNR per
 frame, the baseline repeats the last given frame: a model that only copies its context scores that. Writes
 ``continuation.json`` (``mean_psnr``, ``min_psnr``, ``baseline_mean_psnr``, per-frame and per-seed figures),
-``continuation.png`` (true / generated / error rows of the first seed) and ``psnr_per_frame.png``.
+``continuation.png`` (true / generated / error rows of the first seed) and ``psnr_per_frame.png``. The error is
+also split between the shapes and the background (``regions``: PSNR over the pixels of each, pooled over frames and
+seeds, for the model and the baseline; the model's share of squared error that lies in the shapes): whether a
+model fails at moving the objects or at keeping the scene.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments import common, magi_run  # noqa: E402
+from experiments import common, magi_run, scoring  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Preset name (a tiny_* preset) or .py file.")
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds to continue (default: the config's seed).")
@@ -75,6 +78,7 @@ def main(argv: list[str]) -> None:
     given = cfg.prefix.chunks * cfg.video.chunk_width
     out = Path(_OUT.value)
     model, base, strips = [], [], None
+    split_model, split_base = np.zeros((2, 2)), np.zeros((2, 2))
     for seed in tqdm(seeds, desc="continuations", disable=not _PROGRESS.value):
         res, _ = run.sample(progress=False, seed=seed, decode=False)
         gen = run.frames(res.video)
@@ -82,14 +86,18 @@ def main(argv: list[str]) -> None:
         clip = magi_run.procedural_truth(cfg, seed)
         truth = clip[given:given + len(gen)]
         model.append(frame_psnrs(gen, truth))
-        base.append(frame_psnrs(np.repeat(clip[given - 1:given], len(truth), 0), truth))
+        repeat = np.repeat(clip[given - 1:given], len(truth), 0)
+        base.append(frame_psnrs(repeat, truth))
+        shapes = magi_run.procedural_truth(cfg, seed, shapes=True)[given:given + len(gen)]
+        split_model += scoring.region_errors(gen, truth, shapes)
+        split_base += scoring.region_errors(repeat, truth, shapes)
         if strips is None:
             strips = (clip[:given], truth, gen)
     model, base = np.stack(model), np.stack(base)
     result = {"config": cfg.name, "policy": cfg.policy.name, "seeds": seeds, "given_frames": given,
               "generated_frames": int(model.shape[1]), "mean_psnr": float(model.mean()),
               "min_psnr": float(model.min()), "baseline_mean_psnr": float(base.mean()),
-              "baseline_min_psnr": float(base.min()),
+              "baseline_min_psnr": float(base.min()), "regions": scoring.regions(split_model, split_base),
               "per_frame_psnr": model.mean(0).tolist(), "per_frame_baseline_psnr": base.mean(0).tolist(),
               "per_seed": [{"seed": s, "mean_psnr": float(m.mean()), "min_psnr": float(m.min()),
                             "baseline_mean_psnr": float(b.mean())} for s, m, b in zip(seeds, model, base, strict=True)]}
@@ -106,6 +114,10 @@ def main(argv: list[str]) -> None:
     print(common.format_table(table, list(table[0])))
     print(f"mean PSNR {result['mean_psnr']:.2f} dB (min {result['min_psnr']:.2f}) over {len(seeds)} seed(s); repeating "
           f"the last given frame: {result['baseline_mean_psnr']:.2f} dB")
+    sh, bg = result["regions"]["shapes"], result["regions"]["background"]
+    print(f"shapes ({sh['area']:.0%} of the pixels, {sh['error_share']:.0%} of the model's squared error): "
+          f"{sh['psnr']:.2f} dB (repeat-last {sh['baseline_psnr']:.2f}); background {bg['psnr']:.2f} dB "
+          f"(repeat-last {bg['baseline_psnr']:.2f})")
     print(f"wrote {out / 'continuation.json'}, {out / 'continuation.png'}, {out / 'psnr_per_frame.png'}")
 
 

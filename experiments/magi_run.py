@@ -192,15 +192,17 @@ def encode_clip(cfg: ml_collections.ConfigDict, decoder) -> tuple[ml_collections
     return cfg, decoder.encode_video(frames[-chunks * per_chunk:])
 
 
-def procedural_truth(cfg: ml_collections.ConfigDict, seed: int) -> np.ndarray:
+def procedural_truth(cfg: ml_collections.ConfigDict, seed: int, shapes: bool = False) -> np.ndarray:
     """The whole procedural clip a ``prefix.source=procedural`` run continues, [T, H, W, 3] in [-1, 1]: the given
-    chunks (what ``load_prefix`` encodes), then the true continuation, in the run's ``prefix.world``."""
-    from experiments.procedural_videos import clip as procedural_clip
+    chunks (what ``load_prefix`` encodes), then the true continuation, in the run's ``prefix.world``; with
+    ``shapes``, where its shapes are instead ([T, H, W] bool, ``procedural_videos.shape_mask``)."""
+    from experiments import procedural_videos
 
     v = cfg.video
+    render = procedural_videos.shape_mask if shapes else procedural_videos.clip
     try:
-        return np.asarray(procedural_clip(seed, (prefix_chunks(cfg) + v.num_chunks) * v.chunk_width,
-                                          v.latent_height, v.latent_width, cfg.prefix.get("world", "")))
+        return np.asarray(render(seed, (prefix_chunks(cfg) + v.num_chunks) * v.chunk_width, v.latent_height,
+                                 v.latent_width, cfg.prefix.get("world", "")))
     except ValueError as e:
         raise ConfigError(f"prefix.world: {e}") from None
 

@@ -114,6 +114,15 @@ def clip(seed: int, frames: int, height: int, width: int, overrides: str = "") -
     return _render_jit(jax.random.PRNGKey(seed), spec)
 
 
+def shape_mask(seed: int, frames: int, height: int, width: int, overrides: str = "", tol: float = 0.02) -> jax.Array:
+    """Where a clip's shapes are, [T, H, W] bool: the pixels (soft edges included) that differ by more than ``tol``
+    from the same seed's background alone. Splits a continuation's error into the moving objects, which a model must
+    track, and the slowly panning background, which copying the last frame nearly gets right."""
+    full = clip(seed, frames, height, width, overrides)
+    background = clip(seed, frames, height, width, ",".join(filter(None, [overrides, "p_visible=0"])))
+    return jnp.abs(full - background).max(-1) > tol  # every draw is made whether a shape is shown: same background
+
+
 _render_jit = jax.jit(render, static_argnums=1)  # one compile per world and size, not a few hundred eager ops
 
 

@@ -20,6 +20,32 @@ def test_shipped_model_continues_the_clip_far_better_than_repeating_it(tmp_path)
     assert np.isclose(np.mean(r["per_frame_psnr"]), r["mean_psnr"]) and min(r["per_frame_psnr"]) >= r["min_psnr"]
     for name in ("continuation.png", "psnr_per_frame.png"):
         assert (tmp_path / name).stat().st_size > 0
+    sh, bg = r["regions"]["shapes"], r["regions"]["background"]
+    assert 0.0 < sh["area"] < 1.0 and np.isclose(sh["area"] + bg["area"], 1.0) and 0.0 <= sh["error_share"] <= 1.0
+    # The two regions' pooled errors make up the whole: their MSEs, weighted by area, give the frames' overall MSE,
+    # which bounds the per-frame figures (the mean of per-frame PSNRs is at least the PSNR of the pooled MSE).
+    mse = lambda db: 4.0 * 10 ** (-db / 10)
+    pooled = sh["area"] * mse(sh["psnr"]) + bg["area"] * mse(bg["psnr"])
+    assert np.isclose(sh["error_share"], sh["area"] * mse(sh["psnr"]) / pooled)
+    assert r["mean_psnr"] >= 10 * np.log10(4.0 / pooled) - 1e-6
+
+
+def test_shape_mask_splits_a_clip_into_its_shapes_and_their_background():
+    from experiments.procedural_videos import clip, shape_mask
+    from experiments.scoring import region_errors, regions
+
+    frames, h, w = 4, 16, 24
+    truth = np.asarray(clip(3, frames, h, w))
+    mask = np.asarray(shape_mask(3, frames, h, w))
+    assert mask.shape == (frames, h, w) and 0 < mask.mean() < 1
+    assert not np.asarray(shape_mask(3, frames, h, w, "p_visible=0")).any()  # no shapes drawn: nothing to mask
+    background = np.asarray(clip(3, frames, h, w, "p_visible=0"))
+    assert np.abs(truth - background).max(-1)[~mask].max() <= 0.02  # outside the mask the clip is its background
+    off = truth + 0.1 * mask[..., None]  # an error in the shapes only
+    split = regions(region_errors(off, truth, mask), region_errors(truth, truth, mask))
+    assert split["shapes"]["error_share"] == 1.0 and np.isclose(split["shapes"]["psnr"], 10 * np.log10(4 / 0.01))
+    assert split["background"]["psnr"] > 100 and split["shapes"]["baseline_psnr"] > 100
+    assert np.isclose(split["shapes"]["area"], mask.mean())
 
 
 def test_continuation_needs_a_procedural_prefix(tmp_path):
