@@ -7,7 +7,8 @@ world is deterministic, so the clip's own later frames are the true continuation
 names another world of the generator's knobs, as ``train_tiny.py --world`` trained it). Beside the model's PSNR per
 frame, the baseline repeats the last given frame: a model that only copies its context scores that. Writes
 ``continuation.json`` (``mean_psnr``, ``min_psnr``, ``baseline_mean_psnr``, per-frame and per-seed figures),
-``continuation.png`` (true / generated / error rows of the first seed) and ``psnr_per_frame.png``. The error is
+``continuation.png`` (true / generated / error rows of the first seed), the same as a video side by side
+(``continuation.mp4``) and ``psnr_per_frame.png``. The error is
 also split between the shapes and the background (``regions``: PSNR over the pixels of each, pooled over frames and
 seeds, for the model and the baseline; the model's share of squared error that lies in the shapes): whether a
 model fails at moving the objects or at keeping the scene.
@@ -109,6 +110,9 @@ def main(argv: list[str]) -> None:
     scale = int(cfg.get("output", {}).get("scale", 4))
     u8 = [np.clip((r + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8).repeat(scale, 1).repeat(scale, 2) for r in rows]
     io.write_png(out / "continuation.png", np.concatenate([io.frame_strip(r, per_row=len(r)) for r in u8], 0))
+    gap = np.full((*u8[0].shape[:2], 2 * scale, 3), 255, np.uint8)  # true | generated | error, frame by frame
+    io.write_mp4(out / "continuation.mp4", np.concatenate([u8[0], gap, u8[1], gap, u8[2]], 2),
+                 fps=int(cfg.get("output", {}).get("fps", 8)))
     table = [{"frame": i + 1, "psnr": float(model[:, i].mean()), "min_over_seeds": float(model[:, i].min()),
               "repeat_last": float(base[:, i].mean())} for i in range(model.shape[1])]
     print(common.format_table(table, list(table[0])))
@@ -118,7 +122,8 @@ def main(argv: list[str]) -> None:
     print(f"shapes ({sh['area']:.0%} of the pixels, {sh['error_share']:.0%} of the model's squared error): "
           f"{sh['psnr']:.2f} dB (repeat-last {sh['baseline_psnr']:.2f}); background {bg['psnr']:.2f} dB "
           f"(repeat-last {bg['baseline_psnr']:.2f})")
-    print(f"wrote {out / 'continuation.json'}, {out / 'continuation.png'}, {out / 'psnr_per_frame.png'}")
+    print(f"wrote {out / 'continuation.json'}, {out / 'continuation.png'}, {out / 'continuation.mp4'}, "
+          f"{out / 'psnr_per_frame.png'}")
 
 
 if __name__ == "__main__":

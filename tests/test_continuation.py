@@ -20,6 +20,10 @@ def test_shipped_model_continues_the_clip_far_better_than_repeating_it(tmp_path)
     assert np.isclose(np.mean(r["per_frame_psnr"]), r["mean_psnr"]) and min(r["per_frame_psnr"]) >= r["min_psnr"]
     for name in ("continuation.png", "psnr_per_frame.png"):
         assert (tmp_path / name).stat().st_size > 0
+    from flowcache_jax.io import read_mp4
+
+    video, _ = read_mp4(tmp_path / "continuation.mp4")  # true | generated | error, given frames first
+    assert video.shape[0] == r["given_frames"] + frames and video.shape[2] >= 3 * video.shape[1]
     sh, bg = r["regions"]["shapes"], r["regions"]["background"]
     assert 0.0 < sh["area"] < 1.0 and np.isclose(sh["area"] + bg["area"], 1.0) and 0.0 <= sh["error_share"] <= 1.0
     # The two regions' pooled errors make up the whole: their MSEs, weighted by area, give the frames' overall MSE,
