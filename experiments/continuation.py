@@ -8,10 +8,10 @@ names another world of the generator's knobs, as ``train_tiny.py --world`` train
 frame, the baseline repeats the last given frame: a model that only copies its context scores that. Writes
 ``continuation.json`` (``mean_psnr``, ``min_psnr``, ``baseline_mean_psnr``, per-frame and per-seed figures),
 ``continuation.png`` (true / generated / error rows of the first seed), the same as a video side by side
-(``continuation.mp4``) and ``psnr_per_frame.png``. The error is
-also split between the shapes and the background (``regions``: PSNR over the pixels of each, pooled over frames and
-seeds, for the model and the baseline; the model's share of squared error that lies in the shapes): whether a
-model fails at moving the objects or at keeping the scene.
+(``continuation.mp4``) and ``psnr_per_frame.png``. The error is also split between the shapes and the background
+(``regions``: PSNR over the pixels of each, pooled over frames and seeds, for the model and the baseline; the
+model's share of squared error that lies in the shapes): whether a model fails at moving the objects or at keeping
+the scene.
 """
 
 from __future__ import annotations
