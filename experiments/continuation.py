@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
     given = cfg.prefix.chunks * cfg.video.chunk_width
     out = Path(_OUT.value)
     model, base, strips = [], [], None
-    split_model, split_base = np.zeros((2, 2)), np.zeros((2, 2))
+    pooled = []  # (generated, repeat-last, truth, shape mask) of every seed, for the error's split by region
     for seed in tqdm(seeds, desc="continuations", disable=not _PROGRESS.value):
         res, _ = run.sample(progress=False, seed=seed, decode=False)
         gen = run.frames(res.video)
@@ -90,15 +90,15 @@ def main(argv: list[str]) -> None:
         repeat = np.repeat(clip[given - 1:given], len(truth), 0)
         base.append(frame_psnrs(repeat, truth))
         shapes = magi_run.procedural_truth(cfg, seed, shapes=True)[given:given + len(gen)]
-        split_model += scoring.region_errors(gen, truth, shapes)
-        split_base += scoring.region_errors(repeat, truth, shapes)
+        pooled.append((gen, repeat, truth, shapes))
         if strips is None:
             strips = (clip[:given], truth, gen)
     model, base = np.stack(model), np.stack(base)
+    split = scoring.regions(*(np.concatenate(a) for a in zip(*pooled, strict=True)))
     result = {"config": cfg.name, "policy": cfg.policy.name, "seeds": seeds, "given_frames": given,
               "generated_frames": int(model.shape[1]), "mean_psnr": float(model.mean()),
               "min_psnr": float(model.min()), "baseline_mean_psnr": float(base.mean()),
-              "baseline_min_psnr": float(base.min()), "regions": scoring.regions(split_model, split_base),
+              "baseline_min_psnr": float(base.min()), "regions": split,
               "per_frame_psnr": model.mean(0).tolist(), "per_frame_baseline_psnr": base.mean(0).tolist(),
               "per_seed": [{"seed": s, "mean_psnr": float(m.mean()), "min_psnr": float(m.min()),
                             "baseline_mean_psnr": float(b.mean())} for s, m, b in zip(seeds, model, base, strict=True)]}

@@ -36,18 +36,17 @@ def to_unit(frames_u8):
     return np.asarray(frames_u8, np.float32)[None] / 127.5 - 1.0
 
 
-def region_errors(frames: np.ndarray, truth: np.ndarray, shapes: np.ndarray) -> np.ndarray:
-    """Summed squared error (channel mean) and pixel count in the shapes and in the background, [2, 2]."""
-    e = np.square(frames - truth).mean(-1)
-    return np.array([[e[shapes].sum(), shapes.sum()], [e[~shapes].sum(), (~shapes).sum()]], np.float64)
+def regions(frames: np.ndarray, baseline: np.ndarray, truth: np.ndarray, shapes: np.ndarray) -> dict:
+    """A continuation's error split between its shapes and its background (``shapes``, [..., H, W] bool): PSNR over
+    each region's pixels (``metrics.psnr``, range [-1, 1]) for the model's ``frames`` and the ``baseline``, each
+    region's share of the pixels, and the shapes' share of the model's squared error."""
+    from flowcache_jax import metrics
 
-
-def regions(model: np.ndarray, base: np.ndarray) -> dict:
-    """PSNR over each region's pooled pixels ([-1, 1] range, peak-to-peak 2) from ``region_errors`` sums."""
-    psnr = lambda se, n: float(10 * np.log10(4.0 / max(se / max(n, 1), 1e-12)))
     out = {}
-    for i, name in enumerate(("shapes", "background")):
-        out[name] = {"psnr": psnr(*model[i]), "baseline_psnr": psnr(*base[i]),
-                     "area": float(model[i, 1] / model[:, 1].sum())}
-    out["shapes"]["error_share"] = float(model[0, 0] / max(model[:, 0].sum(), 1e-30))
+    for name, m in (("shapes", shapes), ("background", ~shapes)):
+        out[name] = {"psnr": metrics.psnr(frames[m][None, None], truth[m][None, None], (-1.0, 1.0)),
+                     "baseline_psnr": metrics.psnr(baseline[m][None, None], truth[m][None, None], (-1.0, 1.0)),
+                     "area": float(m.mean())}
+    e = np.square(frames - truth).mean(-1)
+    out["shapes"]["error_share"] = float(e[shapes].sum() / max(e.sum(), 1e-30))
     return out
