@@ -3,7 +3,8 @@
 # continuation (README line 1's seed, and seeds 0-7) against the true one, beside repeating the last frame.
 #
 #   bash experiments/gpu_train_tiny.sh [OUT_DIR]     (env: MINUTES=6 of training, BATCH=64, CONTEXT_SELF=0,
-#                                                    CONTEXT_SELF_KIND=predict|denoise|rollout)
+#                                                    CONTEXT_SELF_KIND=predict|denoise|rollout,
+#                                                    MODEL=kv_channels=64,num_attention_heads=2,num_query_groups=1)
 #
 # On the project's GPU machine (its own JAX, no internet) install the wheels of experiments/gpu_wheels.txt first,
 # as for experiments/gpu_check.py (README, "The prepared GPU check"), and pass OUT_DIR=$OUT. It never touches
@@ -14,7 +15,7 @@ out=${1:-${OUT:-outputs}/gpu_train}
 minutes=${MINUTES:-6}
 python experiments/train_tiny.py --output_dir="$out/train" --batch="${BATCH:-64}" --steps=1000000 \
   --fit_minutes="$minutes" --max_minutes="$((minutes + 1))" --save_every=2000 --context_self="${CONTEXT_SELF:-0}" \
-  --context_self_kind="${CONTEXT_SELF_KIND:-predict}"
+  --context_self_kind="${CONTEXT_SELF_KIND:-predict}" --model="${MODEL:-}"
 for seeds in 0 0,1,2,3,4,5,6,7; do  # the JSON is written before the figures (a device may lack matplotlib)
   python experiments/continuation.py --config.checkpoint="$out/train/model" --seeds="$seeds" \
     --output_dir="$out/continuation_${seeds//,/}" --noprogress || echo "continuation --seeds=$seeds: see above"

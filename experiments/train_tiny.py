@@ -55,10 +55,32 @@ _CTX_KIND = flags.DEFINE_enum("context_self_kind", "predict", ["predict", "denoi
 _ROLL_STEPS = flags.DEFINE_integer("rollout_steps", 8, "Euler steps of a --context_self_kind=rollout generation.")
 _WORLD = flags.DEFINE_string("world", "", "Overrides of the procedural world, e.g. 'n_shapes=2,radius=0.16:0.25' "
                              "(the default world otherwise); run the tiny presets with the same prefix.world.")
+_MODEL = flags.DEFINE_string("model", "", "Overrides of the tiny model's upstream model_config, e.g. 'kv_channels=64,"
+                             "num_attention_heads=2,num_query_groups=1' (the exported model_config.json holds them).")
 _INIT = flags.DEFINE_string("init_from", None, "Start from this exported model folder (fine-tuning) instead of "
                             "random weights; ignored when resuming.")
 
 FROZEN = ("t_freqs", "rope_bands")  # fixed tables stored with the params, never trained
+
+
+def model_config(overrides: str = "") -> dict:
+    """``TINY_MODEL`` with ``"key=value,..."`` applied (ints, floats and bools as the defaults' types): the
+    architecture a run trains. Its head width also sets MAGI-1's RoPE: ``kv_channels // 8`` frequency bands per axis
+    (10000^(-k/n)), so at 32 only four, and two patches' angles nearly repeat three patches apart."""
+    out = dict(TINY_MODEL)
+    for item in filter(None, (s.strip() for s in overrides.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in out or isinstance(out[key], str):
+            names = [k for k, v in out.items() if not isinstance(v, str)]
+            raise ValueError(f"model override {item!r}: use key=value with a key of {names}")
+        kind = type(out[key])
+        try:
+            if kind is bool and value.lower() not in ("true", "false"):
+                raise ValueError(value)
+            out[key] = value.lower() == "true" if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"model override {item!r}: {key} takes a {kind.__name__}") from None
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,8 +324,12 @@ def main(argv: list[str]) -> None:
         overrides = world(_WORLD.value)
     except ValueError as e:
         raise app.UsageError(f"--world: {e}") from None
+    try:
+        model = model_config(_MODEL.value)
+    except ValueError as e:
+        raise app.UsageError(f"--model: {e}") from None
     spec = VideoSpec(frames=_CHUNKS.value * _CHUNK_FRAMES.value, height=_SIZE.value, width=_SIZE.value, **overrides)
-    cfg = Magi1Config.from_upstream(TINY_MODEL, "float32")
+    cfg = Magi1Config.from_upstream(model, "float32")
     setup = TrainSetup(cfg, spec, _CHUNKS.value, _CHUNK_FRAMES.value, _NUM_STEPS.value, _WINDOW.value,
                        _CTX_NOISE.value, _CTX_BLUR.value, _CTX_SELF.value, _CTX_KIND.value,
                        _ROLL_STEPS.value)
@@ -359,7 +385,7 @@ def main(argv: list[str]) -> None:
     done = int(state["step"])
     save(done)
     final = float(np.mean(losses[-100:])) if losses else math.nan
-    meta = {"model": "magi1", "model_config": TINY_MODEL,
+    meta = {"model": "magi1", "model_config": model,
             "training": {"steps": done, "batch": _BATCH.value, "chunks": _CHUNKS.value,
                          "chunk_frames": _CHUNK_FRAMES.value, "size": _SIZE.value, "lr": _LR.value,
                          "seed": _SEED.value, "num_steps": _NUM_STEPS.value, "window": _WINDOW.value,
