@@ -15,7 +15,7 @@ out=${1:-${OUT:-outputs}/gpu_train}
 minutes=${MINUTES:-6}
 python experiments/train_tiny.py --output_dir="$out/train" --batch="${BATCH:-64}" --steps=1000000 \
   --fit_minutes="$minutes" --max_minutes="$((minutes + 1))" --save_every=2000 --context_self="${CONTEXT_SELF:-0}" \
-  --context_self_kind="${CONTEXT_SELF_KIND:-predict}" --model="${MODEL:-}"
+  --context_self_kind="${CONTEXT_SELF_KIND:-predict}" --architecture="${MODEL:-}"
 for seeds in 0 0,1,2,3,4,5,6,7; do  # the JSON is written before the figures (a device may lack matplotlib)
   python experiments/continuation.py --config.checkpoint="$out/train/model" --seeds="$seeds" \
     --output_dir="$out/continuation_${seeds//,/}" --noprogress || echo "continuation --seeds=$seeds: see above"

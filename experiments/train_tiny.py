@@ -55,8 +55,8 @@ _CTX_KIND = flags.DEFINE_enum("context_self_kind", "predict", ["predict", "denoi
 _ROLL_STEPS = flags.DEFINE_integer("rollout_steps", 8, "Euler steps of a --context_self_kind=rollout generation.")
 _WORLD = flags.DEFINE_string("world", "", "Overrides of the procedural world, e.g. 'n_shapes=2,radius=0.16:0.25' "
                              "(the default world otherwise); run the tiny presets with the same prefix.world.")
-_MODEL = flags.DEFINE_string("model", "", "Overrides of the tiny model's upstream model_config, e.g. 'kv_channels=64,"
-                             "num_attention_heads=2,num_query_groups=1' (the exported model_config.json holds them).")
+_ARCH = flags.DEFINE_string("architecture", "", "Overrides of the tiny model's upstream model_config, e.g. "
+                            "'kv_channels=64,num_attention_heads=2,num_query_groups=1' (kept in model_config.json).")
 _INIT = flags.DEFINE_string("init_from", None, "Start from this exported model folder (fine-tuning) instead of "
                             "random weights; ignored when resuming.")
 
@@ -325,9 +325,9 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         raise app.UsageError(f"--world: {e}") from None
     try:
-        model = model_config(_MODEL.value)
+        model = model_config(_ARCH.value)
     except ValueError as e:
-        raise app.UsageError(f"--model: {e}") from None
+        raise app.UsageError(f"--architecture: {e}") from None
     spec = VideoSpec(frames=_CHUNKS.value * _CHUNK_FRAMES.value, height=_SIZE.value, width=_SIZE.value, **overrides)
     cfg = Magi1Config.from_upstream(model, "float32")
     setup = TrainSetup(cfg, spec, _CHUNKS.value, _CHUNK_FRAMES.value, _NUM_STEPS.value, _WINDOW.value,
