@@ -183,12 +183,8 @@ def test_self_context_is_the_models_one_step_estimate_without_gradient():
 def test_model_overrides_name_an_architecture():
     assert model_config("") == TINY_MODEL
     m = model_config("kv_channels=64, num_attention_heads=2,num_query_groups=1,gated_linear_unit=true")
-    assert (m["kv_channels"], m["num_attention_heads"], m["num_query_groups"], m["gated_linear_unit"]) == (64, 2, 1,
-                                                                                                           True)
-    assert {k: v for k, v in m.items() if k not in ("kv_channels", "num_attention_heads", "num_query_groups",
-                                                     "gated_linear_unit")} == {
-        k: v for k, v in TINY_MODEL.items() if k not in ("kv_channels", "num_attention_heads", "num_query_groups",
-                                                         "gated_linear_unit")}
+    assert m == {**TINY_MODEL, "kv_channels": 64, "num_attention_heads": 2, "num_query_groups": 1,
+                 "gated_linear_unit": True}
     assert Magi1Config.from_upstream(m, "float32").n_bands == 8  # RoPE bands per axis follow the head width
     for bad in ("kv_channels", "heads=2", "kv_channels=6.5", "gated_linear_unit=yes", "model_name=x"):
         with pytest.raises(ValueError, match="model override"):
